@@ -1,0 +1,61 @@
+"""Checkpoints: plain tensors, numbers and strings only, so they load with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewshot_edge.config import TrainConfig
+from fewshot_edge.methods import FewShotMethod, create_method
+from fewshot_edge.models import create_backbone
+from fewshot_edge.runtime.preprocess import InputSpec
+
+FORMAT = "fewshot-edge-checkpoint"
+VERSION = 1
+
+
+def build_method(config: TrainConfig, spec: InputSpec) -> FewShotMethod:
+    """The method and backbone a config names, for inputs shaped by ``spec``."""
+    backbone = create_backbone(config.backbone, spec.channels, spec.height)
+    return create_method(config.method, backbone, **config.method_options)
+
+
+def save_checkpoint(path: Path, method: FewShotMethod, config: TrainConfig, spec: InputSpec,
+                    **extra: Any) -> None:
+    """Write atomically (temp file + rename), so a crash never leaves a half-written checkpoint."""
+    payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "spec": spec.to_dict(),
+               "state": method.state_dict(), **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint's payload, checked for format and version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or foreign files
+        raise ValueError(f"not a readable checkpoint: {path} ({exc.__class__.__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"not a fewshot-edge checkpoint: {path}")
+    if payload.get("version") != VERSION:
+        raise ValueError(f"unsupported checkpoint version {payload.get('version')} in {path}")
+    return payload
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[FewShotMethod, TrainConfig, InputSpec, dict[str, Any]]:
+    """Rebuild the method from a checkpoint; returns (method in eval mode, config, spec, payload)."""
+    payload = read_checkpoint(path, device)
+    config = TrainConfig.from_dict(payload["config"])
+    spec = InputSpec.from_dict(payload["spec"])
+    method = build_method(config, spec).to(device)
+    method.load_state_dict(payload["state"])
+    method.eval()
+    return method, config, spec, payload

@@ -1,0 +1,64 @@
+"""The training configuration: one dataclass, saved as JSON beside every run and in checkpoints."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; ``episodes`` and ``time_limit`` (minutes) both bound it."""
+
+    data: str = "omniglot"
+    sources: list[str] = field(default_factory=list)
+    data_options: dict[str, Any] = field(default_factory=dict)
+    holdout: int = 5
+    holdout_groups: list[str] = field(default_factory=list)
+    val_sources: list[str] = field(default_factory=list)
+    backbone: str = "conv4"
+    method: str = "protonet"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    n_way: int = 60
+    k_shot: int = 5
+    q_query: int = 5
+    val_way: int = 5
+    val_shot: int = 1
+    val_query: int = 15
+    val_episodes: int = 300
+    val_every: int = 500
+    episodes: int = 20000
+    time_limit: float | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    amp: bool = True
+    seed: int = 0
+    device: str = "auto"
+    out: str = "runs/protonet"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        for name in ("n_way", "k_shot", "q_query", "val_way", "val_shot", "val_query", "val_episodes",
+                     "val_every", "episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ValueError(f"time_limit must be positive minutes, got {self.time_limit}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,0 +1,65 @@
+"""N-way K-shot accuracy with a 95% confidence interval over many episodes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fewshot_edge.data.dataset import FewShotDataset
+from fewshot_edge.episodes import EpisodeSampler
+from fewshot_edge.methods import FewShotMethod
+
+
+@dataclass
+class EvalResult:
+    """Mean episode accuracy and the half-width of its 95% CI (1.96 * std / sqrt(episodes)), in [0, 1]."""
+
+    accuracy: float
+    ci95: float
+    episodes: int
+    n_way: int
+    k_shot: int
+    q_query: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.n_way}-way {self.k_shot}-shot: {100 * self.accuracy:.2f}% "
+                f"+- {100 * self.ci95:.2f} (95% CI, {self.episodes} episodes)")
+
+
+def confidence_interval(accuracies: np.ndarray) -> tuple[float, float]:
+    """Mean and 95% CI half-width of per-episode accuracies (normal approximation)."""
+    n = len(accuracies)
+    std = float(accuracies.std(ddof=1)) if n > 1 else 0.0
+    return float(accuracies.mean()), 1.96 * std / math.sqrt(n)
+
+
+@torch.no_grad()
+def evaluate(method: FewShotMethod, dataset: FewShotDataset, n_way: int, k_shot: int, q_query: int = 15,
+             episodes: int = 1000, seed: int = 0, device: str | torch.device = "cpu",
+             progress: bool = False) -> EvalResult:
+    """Accuracy of ``method`` on episodes drawn from ``dataset`` (BatchNorm in eval mode)."""
+    sampler = EpisodeSampler(dataset, n_way, k_shot, q_query, seed=seed, device=device)
+    return evaluate_sampler(method, sampler, episodes, progress=progress)
+
+
+@torch.no_grad()
+def evaluate_sampler(method: FewShotMethod, sampler: EpisodeSampler, episodes: int,
+                     progress: bool = False) -> EvalResult:
+    """Accuracy over ``episodes`` episodes from ``sampler``; restores the method's train/eval mode."""
+    was_training = method.training
+    method.eval()
+    accs = torch.empty(episodes, device=sampler.device)
+    for i in tqdm(range(episodes), desc="eval", disable=not progress, leave=False):
+        ep = sampler.sample()
+        logits = method.logits(ep.support, ep.support_labels, ep.query, ep.n_way)
+        accs[i] = (logits.argmax(-1) == ep.query_labels).float().mean()
+    method.train(was_training)
+    mean, ci = confidence_interval(accs.cpu().numpy().astype(np.float64))
+    return EvalResult(mean, ci, episodes, sampler.n_way, sampler.k_shot, sampler.q_query)

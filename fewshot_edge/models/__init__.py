@@ -1,0 +1,5 @@
+"""Backbones by name."""
+
+from .backbones import BACKBONES, Backbone, create_backbone
+
+__all__ = ["BACKBONES", "Backbone", "create_backbone"]
