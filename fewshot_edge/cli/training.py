@@ -1,0 +1,142 @@
+"""``train`` and ``eval``: the desktop half (needs torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .common import echo_err, emit_json, main, reports_input_errors
+
+DATA_KINDS = ["omniglot", "folders"]
+
+
+def data_options(image_size: int | None, channels: int | None, rotations: bool | None,
+                 max_per_class: int | None) -> dict[str, Any]:
+    """The loader options the user set (unset ones keep the loader's defaults)."""
+    given = {"size": image_size, "channels": channels, "rotations": rotations, "max_per_class": max_per_class}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+@main.command()
+@click.option("--data", "data_kind", type=click.Choice(DATA_KINDS), default="omniglot", show_default=True,
+              help="omniglot: the official zips or unpacked tree; folders: a folder or zip per set, a subfolder per class.")
+@click.option("--source", "sources", multiple=True, required=True, type=click.Path(exists=True, dir_okay=True),
+              help="Training data (repeat for several zips/folders, e.g. the three miniImageNet shards).")
+@click.option("--val-source", "val_sources", multiple=True, type=click.Path(exists=True),
+              help="Validation data; without it, --holdout groups of the training data are held out.")
+@click.option("--holdout", default=5, show_default=True, help="Groups (Omniglot alphabets, or classes) held out for validation.")
+@click.option("--holdout-group", "holdout_groups", multiple=True, help="Hold out these groups by name instead.")
+@click.option("--image-size", type=int, help="Resize to this square size [omniglot: 28, folders: 84].")
+@click.option("--channels", type=click.Choice(["1", "3"]), help="folders only: 1 = grayscale, 3 = RGB [3].")
+@click.option("--rotations/--no-rotations", default=None, help="omniglot only: each 90-degree rotation is its own class.")
+@click.option("--max-per-class", type=int, help="folders only: use the first N images of each class.")
+@click.option("--backbone", default="conv4", show_default=True, help="conv4 | resnet12")
+@click.option("--method", default="protonet", show_default=True, help="Meta-learning method.")
+@click.option("--metric", type=click.Choice(["sqeuclidean", "cosine"]), default="sqeuclidean", show_default=True)
+@click.option("--way", default=60, show_default=True, help="Training episodes: classes per episode.")
+@click.option("--shot", default=5, show_default=True, help="Training episodes: support images per class.")
+@click.option("--query", default=5, show_default=True, help="Training episodes: query images per class.")
+@click.option("--val-way", default=5, show_default=True)
+@click.option("--val-shot", default=1, show_default=True)
+@click.option("--val-query", default=15, show_default=True)
+@click.option("--val-episodes", default=300, show_default=True)
+@click.option("--val-every", default=500, show_default=True, help="Validate every N training episodes.")
+@click.option("--episodes", default=20000, show_default=True, help="Stop after this many episodes ...")
+@click.option("--time-limit", type=float, help="... or after this many minutes, whichever comes first.")
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--amp/--no-amp", default=True, show_default=True,
+              help="bfloat16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16/AMX).")
+@click.option("--out", default="runs/protonet", show_default=True, type=click.Path(file_okay=False))
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="Start from a saved config.json; options given on the command line are ignored.")
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False), help="Continue from a run's last.pt.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
+@reports_input_errors
+def train(data_kind: str, sources: tuple[str, ...], val_sources: tuple[str, ...], holdout: int,
+          holdout_groups: tuple[str, ...], image_size: int | None, channels: str | None, rotations: bool | None,
+          max_per_class: int | None, backbone: str, method: str, metric: str, way: int, shot: int, query: int,
+          val_way: int, val_shot: int, val_query: int, val_episodes: int, val_every: int, episodes: int,
+          time_limit: float | None, lr: float, schedule: str, seed: int, device: str, amp: bool, out: str,
+          config_file: str | None, resume: str | None, as_json: bool) -> None:
+    """Meta-train a few-shot model; validates on held-out classes with 95% CIs.
+
+    \b
+    Writes OUT/config.json, OUT/best.pt (best validation accuracy), OUT/last.pt (for --resume)
+    and OUT/metrics.json.
+
+    \b
+    Example (Omniglot, 5 alphabets held out, 10 minutes on a CPU):
+      fewshot-edge train --source images_background.zip --rotations --time-limit 10 --out runs/omniglot
+    """
+    from fewshot_edge.config import TrainConfig
+    from fewshot_edge.train import train as run_training
+
+    if config_file:
+        config = TrainConfig.from_dict(json.loads(Path(config_file).read_text()))
+    else:
+        config = TrainConfig(
+            data=data_kind, sources=[str(Path(s).resolve()) for s in sources],
+            data_options=data_options(image_size, int(channels) if channels else None, rotations, max_per_class),
+            holdout=holdout, holdout_groups=list(holdout_groups),
+            val_sources=[str(Path(s).resolve()) for s in val_sources],
+            backbone=backbone, method=method, method_options={"metric": metric},
+            n_way=way, k_shot=shot, q_query=query, val_way=val_way, val_shot=val_shot, val_query=val_query,
+            val_episodes=val_episodes, val_every=val_every, episodes=episodes, time_limit=time_limit,
+            lr=lr, schedule=schedule, amp=amp, seed=seed, device=device, out=out)
+    metrics = run_training(config, resume=resume)
+    best = metrics["best"]
+    if as_json:
+        emit_json(metrics)
+        return
+    click.echo(f"trained {metrics['episodes']} episodes in {metrics['elapsed_s']} s "
+               f"({metrics['episodes_per_s']} episodes/s on {metrics['device']})")
+    click.echo(f"best validation {best['n_way']}-way {best['k_shot']}-shot: {100 * best['accuracy']:.2f}% "
+               f"+- {100 * best['ci95']:.2f} at episode {best['episode']}")
+    click.echo(f"checkpoint: {Path(config.out) / 'best.pt'}")
+
+
+@main.command(name="eval")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--source", "sources", multiple=True, type=click.Path(exists=True),
+              help="Evaluate on every class of these sources (e.g. images_evaluation.zip) instead of the "
+                   "run's held-out validation classes.")
+@click.option("--way", default=5, show_default=True)
+@click.option("--shot", default=1, show_default=True)
+@click.option("--query", default=15, show_default=True)
+@click.option("--episodes", default=1000, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the evaluation episodes.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@reports_input_errors
+def evaluate(checkpoint: str, sources: tuple[str, ...], way: int, shot: int, query: int, episodes: int,
+             seed: int, device: str, as_json: bool) -> None:
+    """N-way K-shot accuracy with a 95% CI of a checkpoint.
+
+    \b
+    By default on the classes the run held out for validation (rebuilt from its config and seed).
+    Example: fewshot-edge eval runs/omniglot/best.pt --way 20 --shot 1 --episodes 1000
+    """
+    from fewshot_edge.checkpoint import load_checkpoint
+    from fewshot_edge.data import load_dataset
+    from fewshot_edge.evaluate import evaluate as run_eval
+    from fewshot_edge.train import load_splits, resolve_device
+
+    dev = resolve_device(device)
+    method, config, _, _ = load_checkpoint(checkpoint, dev)
+    if sources:
+        data = load_dataset(config.data, list(sources), **config.data_options)
+    else:
+        data = load_splits(config)[1]
+    if not as_json:
+        echo_err(f"evaluating on {data.num_classes} classes, {len(data)} images")
+    result = run_eval(method, data, way, shot, query, episodes, seed=seed, device=dev, progress=not as_json)
+    if as_json:
+        emit_json({"checkpoint": checkpoint, "classes": data.num_classes, **result.to_dict()})
+    else:
+        click.echo(str(result))
