@@ -9,6 +9,7 @@ The training pipeline loads every image through ``to_pixels`` and normalises on 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -89,6 +90,22 @@ def load_image(source: ImageLike) -> Image.Image:
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise FewShotInputError(f"not a readable image: {path} ({exc.__class__.__name__})") from None
     raise FewShotInputError(f"unsupported image type: {type(source).__name__}")
+
+
+def source_hash(source: ImageLike) -> str:
+    """sha256 of an image source: a file's bytes, or an array's or PIL image's type, shape and pixels."""
+    digest = hashlib.sha256()
+    if isinstance(source, (str, Path)):
+        digest.update(Path(source).read_bytes())
+    elif isinstance(source, np.ndarray):
+        digest.update(f"{source.dtype.str}{source.shape}".encode())
+        digest.update(np.ascontiguousarray(source).tobytes())
+    elif isinstance(source, Image.Image):
+        digest.update(f"{source.mode}{source.size}".encode())
+        digest.update(source.tobytes())
+    else:
+        raise FewShotInputError(f"unsupported image type: {type(source).__name__}")
+    return digest.hexdigest()
 
 
 def _array_to_image(a: np.ndarray) -> Image.Image:

@@ -1,0 +1,110 @@
+"""Adaptation modes: small classes behind one interface, found by name in ``ADAPTERS``.
+
+A mode is built from the bundle (its parameters are ``manifest.adaptation.modes[name]``) and the
+encoder engine; it is fitted from the stored shots, may take newly enrolled shots in incrementally,
+and scores query embeddings as logits (before the calibrated temperature) plus the distance to the
+nearest prototype, which the model compares with the open-set threshold.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+from .bundle import Bundle, EmbeddingSpec
+from .engine import Engine
+from .store import Shots
+
+
+class Adapter(ABC):
+    """One adaptation mode. Subclasses set ``name``; ``needs_pixels`` when ``fit`` reads the stored
+    preprocessed inputs (a mode that conditions the encoder on the shots, like FiLM, does)."""
+
+    name: ClassVar[str]
+    needs_pixels: ClassVar[bool] = False
+
+    def __init__(self, bundle: Bundle, encoder: Engine) -> None:
+        self.bundle = bundle
+        self.encoder = encoder
+        self.embedding: EmbeddingSpec = bundle.manifest.embedding
+        self.params = dict(bundle.manifest.adaptation.modes[self.name])
+        self.labels: list[str] = []
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """Query embeddings for a normalised batch (N, C, H, W); modes that condition the encoder override it."""
+        return self.encoder.embed(batch)
+
+    @abstractmethod
+    def fit(self, shots: Shots) -> None:
+        """Fit from every stored shot (possibly none); sets ``labels``, the order of the logits' columns."""
+
+    def add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray) -> bool:
+        """Take newly enrolled shots in without a full refit; return False when the mode needs one."""
+        return False
+
+    @abstractmethod
+    def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N, C) before temperature, and each query's nearest-prototype distance (N,)."""
+
+
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make a mode available under its ``name``."""
+    ADAPTERS[cls.name] = cls
+    return cls
+
+
+def distances(queries: np.ndarray, prototypes: np.ndarray, metric: str) -> np.ndarray:
+    """(N, C) distances: squared Euclidean, or 1 - cosine similarity for the cosine metric."""
+    if metric == "cosine":
+        return 1.0 - _unit(queries) @ _unit(prototypes).T
+    d = (queries * queries).sum(1, keepdims=True) - 2.0 * queries @ prototypes.T + (prototypes * prototypes).sum(1)
+    return np.maximum(d, 0.0)
+
+
+def logits_from_distances(d: np.ndarray, embedding: EmbeddingSpec) -> np.ndarray:
+    """-scale * squared distance, or scale * cosine similarity."""
+    return embedding.scale * (1.0 - d) if embedding.metric == "cosine" else -embedding.scale * d
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@register
+class PrototypeAdapter(Adapter):
+    """Prototypical networks: each class is the mean of its shot embeddings, kept as sums and counts
+    so added shots update it without rereading the store."""
+
+    name = "prototype"
+
+    def fit(self, shots: Shots) -> None:
+        n_classes = len(shots.labels)
+        self._sums = np.zeros((n_classes, self.embedding.size), dtype=np.float64)
+        np.add.at(self._sums, shots.targets, shots.embeddings.reshape(-1, self.embedding.size))
+        self._counts = np.bincount(shots.targets, minlength=n_classes).astype(np.float64)
+        self.labels = list(shots.labels)
+        self._update_prototypes()
+
+    def add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray) -> bool:
+        if label in self.labels:
+            i = self.labels.index(label)
+            self._sums[i] += embeddings.sum(0)
+            self._counts[i] += len(embeddings)
+        else:
+            self.labels.append(label)
+            self._sums = np.vstack([self._sums, embeddings.sum(0, dtype=np.float64)])
+            self._counts = np.append(self._counts, len(embeddings))
+        self._update_prototypes()
+        return True
+
+    def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = distances(queries, self.prototypes, self.embedding.metric)
+        return logits_from_distances(d, self.embedding), d.min(axis=1)
+
+    def _update_prototypes(self) -> None:
+        self.prototypes = (self._sums / np.maximum(self._counts, 1.0)[:, None]).astype(np.float32)

@@ -1,0 +1,203 @@
+"""The public device API: open a bundle and a store, enroll classes from a few images, predict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from .adapters import ADAPTERS, Adapter
+from .bundle import Bundle, open_bundle
+from .engine import Engine
+from .errors import FewShotInputError
+from .preprocess import ImageLike, InputSpec, normalize, preprocess, source_hash, to_pixels
+from .store import RESERVED_LABEL, EnrollmentStore, validate_label
+
+Images = Union[ImageLike, Sequence[ImageLike]]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One query's answer. ``label`` is "unknown" when the nearest distance exceeds the calibrated
+    threshold; ``probability`` and ``top_k`` always describe the enrolled classes."""
+
+    label: str
+    probability: float
+    distance: float
+    top_k: list[tuple[str, float]]
+
+
+class FewShotModel:
+    """A bundle's encoder, an adaptation mode and an enrollment store. Open with ``FewShotModel.open``."""
+
+    def __init__(self, bundle: Bundle, engine: Engine, adapter: Adapter, store: EnrollmentStore) -> None:
+        self.bundle = bundle
+        self.engine = engine
+        self.adapter = adapter
+        self.store = store
+        self.spec: InputSpec = bundle.manifest.input_spec
+        self._calibration = bundle.manifest.calibration
+        self._fitted_version: Optional[int] = None
+
+    @classmethod
+    def open(
+        cls,
+        bundle_dir: Union[str, Path],
+        store: Union[str, Path, None] = None,
+        adapt: Optional[str] = None,
+        providers: Optional[Sequence[str]] = None,
+        threads: Optional[int] = None,
+        reembed: bool = False,
+    ) -> "FewShotModel":
+        """Open a bundle with an enrollment store (a SQLite path; None = in memory).
+
+        ``adapt`` names the adaptation mode (None = the bundle's default). A store bound to another
+        model is refused unless ``reembed``: then its stored shots are re-embedded with this model
+        and the store is rebound in one transaction, so the device keeps its classes.
+        """
+        bundle = open_bundle(bundle_dir)
+        adaptation = bundle.manifest.adaptation
+        mode = adapt or adaptation.default
+        if mode not in adaptation.modes:
+            raise FewShotInputError(f"bundle does not support adaptation mode {mode!r} (it supports: {', '.join(adaptation.modes)})")
+        if mode not in ADAPTERS:
+            raise FewShotInputError(f"this runtime has no adaptation mode {mode!r} (it has: {', '.join(ADAPTERS)})")
+        engine = Engine(bundle.file("encoder"), providers=providers, threads=threads)
+        _check_encoder(engine, bundle)
+        enrollment = EnrollmentStore.open(store, bundle.model_id, reembed=reembed)
+        try:
+            if enrollment.needs_reembed:
+                _reembed(enrollment, engine, bundle)
+            return cls(bundle, engine, ADAPTERS[mode](bundle, engine), enrollment)
+        except BaseException:
+            enrollment.close()
+            raise
+
+    def enroll(self, label: str, images: Images) -> None:
+        """Enroll a new class from its images (paths, PIL images or arrays), in one transaction."""
+        self._add(label, images, self.store.add_class)
+
+    def add_shots(self, label: str, images: Images) -> None:
+        """Add images to an enrolled class, in one transaction."""
+        self._add(label, images, self.store.add_shots)
+
+    def remove_class(self, label: str) -> None:
+        self.store.remove_class(label)
+
+    def rename(self, old: str, new: str) -> None:
+        self.store.rename(old, new)
+
+    def classes(self) -> list[tuple[str, int]]:
+        """(label, number of shots) per enrolled class, in enrollment order."""
+        return self.store.list_classes()
+
+    @property
+    def labels(self) -> list[str]:
+        """The enrolled labels in the order of ``predict_proba``'s columns."""
+        self._fit_if_changed()
+        return list(self.adapter.labels)
+
+    def embed(self, images: Images) -> np.ndarray:
+        """Encoder embeddings (N, D), as the store keeps them."""
+        return self.engine.embed(preprocess(_as_list(images), self.spec))
+
+    def predict_proba(self, images: Images) -> np.ndarray:
+        """Class probabilities (N, C), columns in ``labels`` order."""
+        return self._score(images)[0]
+
+    def predict(self, images: Images, top_k: int = 1) -> list[Prediction]:
+        """The most likely class per image, "unknown" beyond the open-set threshold, and the top k."""
+        if top_k < 1:
+            raise FewShotInputError(f"top_k must be at least 1, got {top_k}")
+        probabilities, nearest = self._score(images)
+        labels = self.adapter.labels
+        threshold = self._calibration.open_set.threshold
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+        predictions = []
+        for p, ranked, distance in zip(probabilities, order, nearest):
+            top = [(labels[j], float(p[j])) for j in ranked]
+            unknown = threshold is not None and distance > threshold
+            predictions.append(Prediction(RESERVED_LABEL if unknown else top[0][0], top[0][1], float(distance), top))
+        return predictions
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "FewShotModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _add(self, label: str, images: Images, write: Callable[..., int]) -> None:
+        label = validate_label(label)
+        images = _as_list(images)
+        if not images:
+            raise FewShotInputError("no images given")
+        pixels = np.stack([to_pixels(image, self.spec) for image in images])
+        embeddings = self.engine.embed(normalize(pixels, self.spec))
+        version = write(label, embeddings, pixels, [source_hash(image) for image in images])
+        in_step = self._fitted_version is not None and version == self._fitted_version + 1
+        self._fitted_version = version if in_step and self.adapter.add(label, embeddings, pixels) else None
+
+    def _fit_if_changed(self) -> None:
+        """Refit the adapter when the enrolled set changed since the last fit (in any process)."""
+        if self.store.data_version() != self._fitted_version:
+            shots = self.store.shots(pixels=self.adapter.needs_pixels)
+            self.adapter.fit(shots)
+            self._fitted_version = shots.version
+
+    def _score(self, images: Images) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (N, C) and nearest-prototype distances (N,)."""
+        batch = preprocess(_as_list(images), self.spec)
+        self._fit_if_changed()
+        if not self.adapter.labels:
+            raise FewShotInputError("no classes enrolled; enroll some before predicting")
+        logits, nearest = self.adapter.score(self.adapter.embed(batch))
+        logits = logits / self._calibration.temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True), nearest
+
+
+def _as_list(images: Images) -> list[ImageLike]:
+    """One path or PIL image becomes a list of one; a sequence (or an array, along its first axis) a list."""
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images]
+    return list(images)
+
+
+def _check_encoder(engine: Engine, bundle: Bundle) -> None:
+    """The encoder's fixed input dims must match the input spec and it must give the manifest's embedding size."""
+    spec = bundle.manifest.input_spec
+    expected = (spec.channels, spec.height, spec.width)
+    declared = engine.input_shape[1:]
+    if len(declared) != 3 or any(d is not None and d != e for d, e in zip(declared, expected)):
+        raise FewShotInputError(f"encoder input shape {engine.input_shape} does not match the input spec {_fmt(expected)}")
+    out = engine.embed(np.zeros((1, *expected), dtype=np.float32))
+    if out.shape != (1, bundle.manifest.embedding.size):
+        raise FewShotInputError(
+            f"encoder output shape {out.shape[1:]} does not match the manifest's embedding size {bundle.manifest.embedding.size}"
+        )
+
+
+def _reembed(store: EnrollmentStore, engine: Engine, bundle: Bundle) -> None:
+    """Re-embed every stored shot with this model's encoder and rebind the store to it."""
+    spec = bundle.manifest.input_spec
+    expected = (spec.channels, spec.height, spec.width)
+    if store.pixel_shape not in (None, expected):
+        raise FewShotInputError(
+            f"stored shots are {_fmt(store.pixel_shape)} but the new model takes {_fmt(expected)} inputs;"
+            " they cannot be re-embedded, enroll the classes again in a new store"
+        )
+    shots = store.shots(pixels=True)
+    embeddings = (engine.embed(normalize(shots.pixels, spec)) if len(shots.ids)
+                  else np.zeros((0, bundle.manifest.embedding.size), dtype=np.float32))
+    store.rebind(shots.ids, embeddings)
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
