@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--source", default=str(DEFAULT_SOURCE))
     parser.add_argument("--minutes", type=float, default=15.0, help="training wall-clock budget")
     parser.add_argument("--way", type=int, default=60)
-    parser.add_argument("--shot", type=int, default=5)
+    parser.add_argument("--shot", type=int, default=1, help="training shots (Snell et al.: match the test shot)")
     parser.add_argument("--query", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--holdout", type=int, default=5, help="alphabets held out")

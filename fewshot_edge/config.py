@@ -35,6 +35,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "cosine"
     amp: bool = True
+    compile: bool = False
     seed: int = 0
     device: str = "auto"
     out: str = "runs/protonet"

@@ -14,11 +14,13 @@ from .base import FewShotMethod
 
 
 def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
-    """Class means (n_way, D) of embeddings with labels 0..n_way-1."""
-    sums = torch.zeros(n_way, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
-    sums.index_add_(0, labels, embeddings)
-    counts = torch.bincount(labels, minlength=n_way).to(embeddings.dtype)
-    return sums / counts[:, None]
+    """Class means (n_way, D) of embeddings with labels 0..n_way-1.
+
+    A one-hot matrix product rather than bincount/index_add: no host-device sync on CUDA.
+    """
+    onehot = torch.zeros(len(labels), n_way, dtype=embeddings.dtype, device=embeddings.device)
+    onehot.scatter_(1, labels[:, None], 1.0)
+    return (onehot.T @ embeddings) / onehot.sum(0)[:, None]
 
 
 def squared_distances(queries: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
