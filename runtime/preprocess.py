@@ -21,6 +21,11 @@ from .errors import FewShotInputError
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
+# Resampling filters by name. The default, "box" (area averaging), is an antialiased downscale at about a
+# fifth of Lanczos's cost (105 -> 28 px: ~22 vs ~99 us here), which the device's per-image budget needs.
+RESAMPLING = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
+              "lanczos": Image.Resampling.LANCZOS}
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -33,6 +38,7 @@ class InputSpec:
     std: tuple[float, ...] = (1.0,)
     invert: bool = False
     layout: str = "NCHW"
+    resize: str = "box"
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -48,6 +54,8 @@ class InputSpec:
             object.__setattr__(self, name, values)
         if any(s <= 0 for s in self.std):
             raise FewShotInputError(f"std must be positive, got {self.std}")
+        if self.resize not in RESAMPLING:
+            raise FewShotInputError(f"resize must be one of {', '.join(RESAMPLING)}, got {self.resize!r}")
 
     @property
     def mode(self) -> str:
@@ -70,6 +78,7 @@ class InputSpec:
             channels=int(d["channels"]), height=int(d["height"]), width=int(d["width"]),
             mean=tuple(d.get("mean", (0.0,))), std=tuple(d.get("std", (1.0,))),
             invert=bool(d.get("invert", False)), layout=d.get("layout", "NCHW"),
+            resize=d.get("resize", "box"),
         )
 
 
@@ -138,7 +147,7 @@ def to_pixels(source: ImageLike, spec: InputSpec) -> np.ndarray:
     if image.mode != spec.mode:
         image = image.convert(spec.mode)
     if image.size != (spec.width, spec.height):
-        image = image.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
+        image = image.resize((spec.width, spec.height), RESAMPLING[spec.resize])
     pixels = np.asarray(image, dtype=np.uint8)
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     if spec.invert:

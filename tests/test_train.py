@@ -71,3 +71,16 @@ def test_cli_bad_input_is_one_line_and_exit_2(omniglot_small1, tmp_path, args, m
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("backbone,size", [("conv4", 84), ("resnet12", 32)])
+def test_trains_on_rgb_class_folders(miniimagenet_val, tmp_path, backbone, size):
+    config = TrainConfig(data="folders", sources=[str(miniimagenet_val)],
+                         data_options={"size": size, "max_per_class": 10}, holdout=4, backbone=backbone,
+                         n_way=5, k_shot=2, q_query=2, val_way=3, val_shot=1, val_query=2, episodes=3,
+                         val_every=3, val_episodes=3, device="cpu", out=str(tmp_path / backbone))
+    metrics = train(config, progress_bar=False)
+    assert metrics["train_classes"] == 12 and metrics["val_classes"] == 4
+    method, _, spec, _ = load_checkpoint(tmp_path / backbone / "best.pt")
+    assert (spec.channels, spec.height) == (3, size)
+    assert method.embed(torch.zeros(2, 3, size, size)).shape == (2, 1600 if backbone == "conv4" else 640)
