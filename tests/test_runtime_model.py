@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from test_runtime_support import DIM, SPEC, embed_by_hand, images, linear_encoder, make_bundle, run_python, weight
+from test_runtime_support import BLOCK_TORCH, DIM, SPEC, embed_by_hand, images, linear_encoder, make_bundle, run_python, weight
 
 from fewshot_edge.runtime import Adaptation, EmbeddingSpec, FewShotInputError, FewShotModel, InputSpec, write_bundle
 
@@ -201,19 +201,7 @@ def test_encoder_must_match_manifest_shapes(tmp_path, w):
         FewShotModel.open(tmp_path / "input")
 
 
-NO_TORCH = """
-import importlib.abc
-import sys
-
-
-class BlockTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-
-sys.meta_path.insert(0, BlockTorch())
+NO_TORCH = BLOCK_TORCH + """
 import numpy as np
 from fewshot_edge.runtime import FewShotModel
 

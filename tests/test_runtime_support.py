@@ -59,6 +59,23 @@ def embed_by_hand(imgs: list[np.ndarray], w: np.ndarray) -> np.ndarray:
     return (np.stack(imgs).astype(np.float64) / 255.0).reshape(len(imgs), -1) @ w.astype(np.float64)
 
 
+BLOCK_TORCH = '''
+import importlib.abc
+import sys
+
+
+class BlockTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+
+sys.meta_path.insert(0, BlockTorch())
+'''
+"""Python source that makes torch unimportable; prefix it to code run by ``run_python``."""
+
+
 def run_python(code: str, *args: str, timeout: float = 60) -> str:
     """Run ``code`` in a fresh interpreter; fail with its stderr if it fails; return its stdout."""
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)

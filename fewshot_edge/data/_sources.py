@@ -24,11 +24,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from fewshot_edge.imagefiles import is_image_name
 from fewshot_edge.runtime.errors import FewShotInputError
 from fewshot_edge.runtime.preprocess import InputSpec, to_pixels
 
 PathLike = Union[str, Path]
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _CACHE_FORMAT = 1
 _CHUNK = 256
 
@@ -42,12 +42,12 @@ class _Tree:
         self._lock = threading.Lock()
         if path.is_dir():
             names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
-            self.names = sorted(n for n in names if _is_image(n))
+            self.names = sorted(n for n in names if is_image_name(n))
             stats = [(n, (path / n).stat()) for n in self.names]
             self.fingerprint = [str(path), [(n, s.st_size, s.st_mtime_ns) for n, s in stats]]
         elif zipfile.is_zipfile(path):
             self._zip = zipfile.ZipFile(path)
-            self.names = sorted(n for n in self._zip.namelist() if _is_image(n))
+            self.names = sorted(n for n in self._zip.namelist() if is_image_name(n))
             stat = path.stat()
             self.fingerprint = [str(path), stat.st_size, stat.st_mtime_ns]
         else:
@@ -62,12 +62,6 @@ class _Tree:
     def close(self) -> None:
         if self._zip is not None:
             self._zip.close()
-
-
-def _is_image(name: str) -> bool:
-    parts = name.split("/")
-    hidden = any(p.startswith(".") or p == "__MACOSX" for p in parts)
-    return not hidden and not name.endswith("/") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 File = tuple[_Tree, str]

@@ -1,0 +1,14 @@
+"""Export (desktop, needs torch and onnx): a checkpoint's encoder to ONNX, checked and calibrated, as a bundle.
+
+The bundle schema and preprocessing are the runtime's; the runtime never imports this package.
+"""
+
+from .bundle import export_bundle
+from .calibration import calibrate, fit_open_set, fit_temperature, nll
+from .onnx import export_onnx
+from .parity import ParityError, ParityReport, check_parity
+
+__all__ = [
+    "ParityError", "ParityReport", "calibrate", "check_parity", "export_bundle", "export_onnx", "fit_open_set",
+    "fit_temperature", "nll",
+]

@@ -1,0 +1,83 @@
+"""``export_bundle``: checkpoint -> ONNX encoder -> parity check -> calibration -> bundle, atomically."""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from fewshot_edge import __version__
+from fewshot_edge.checkpoint import load_checkpoint
+from fewshot_edge.config import TrainConfig
+from fewshot_edge.runtime import Adaptation, Bundle, EmbeddingSpec, Engine, FewShotInputError, write_bundle
+from fewshot_edge.train import load_splits
+
+from .calibration import calibrate
+from .onnx import export_onnx
+from .parity import ParityError, ParityReport, check_parity
+
+ENCODER_FILE = "encoder.onnx"
+PARITY_IMAGES = 64
+
+
+def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                  calibration_episodes: int = 500, target_false_reject: float = 0.05, tolerance: float = 1e-4,
+                  seed: int = 0) -> Bundle:
+    """Export a checkpoint as a bundle in ``out_dir`` and return it, opened.
+
+    The encoder is checked against PyTorch on random and held-out validation images (ParityError past
+    ``tolerance``), calibrated on ``calibration_episodes`` validation episode pairs, then written with
+    ``write_bundle`` (a temporary folder renamed into place): any failure leaves no bundle behind.
+    An existing ``out_dir`` is refused unless ``overwrite``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FewShotInputError(f"bundle folder already exists: {out} (overwrite to replace it)")
+    method, config, spec, payload = load_checkpoint(checkpoint)
+    validation = load_splits(config)[1]
+    info = method.export_info()
+    embedding = EmbeddingSpec(size=method.backbone.out_dim, metric=info["metric"], scale=info["scale"])
+    with tempfile.TemporaryDirectory(prefix="fewshot-edge-export-") as tmp:
+        onnx_path = Path(tmp) / ENCODER_FILE
+        opset = export_onnx(method, spec, onnx_path).opset_import[0].version
+        engine = Engine(onnx_path)
+        real = np.random.default_rng(seed).choice(len(validation), min(PARITY_IMAGES, len(validation)), replace=False)
+        parity = check_parity(method, engine, spec, validation.images[np.sort(real)], tolerance=tolerance, seed=seed)
+        if not parity.passed:
+            raise ParityError(parity)
+        calibration = calibrate(engine, validation, embedding, episodes=calibration_episodes,
+                                target_false_reject=target_false_reject, seed=seed)
+        return write_bundle(out, {ENCODER_FILE: onnx_path}, input_spec=spec, embedding=embedding,
+                            adaptation=Adaptation(modes=info["modes"]), calibration=calibration,
+                            provenance=_provenance(config, payload, Path(checkpoint), parity, opset), overwrite=overwrite)
+
+
+def _provenance(config: TrainConfig, payload: dict[str, Any], checkpoint: Path, parity: ParityReport,
+                opset: int) -> dict[str, Any]:
+    """What the manifest records about where the model came from; data sources by file name only."""
+    best = payload.get("best") or {}
+    return {
+        "method": config.method,
+        "method_options": dict(config.method_options),
+        "backbone": config.backbone,
+        "data": {"kind": config.data, "sources": [Path(s).name for s in config.sources],
+                 "val_sources": [Path(s).name for s in config.val_sources],
+                 "holdout": list(config.holdout_groups) or config.holdout, "options": dict(config.data_options)},
+        "checkpoint": checkpoint.name,
+        "episodes_trained": payload.get("episode"),
+        "validation": {key: best[key] for key in ("accuracy", "ci95", "n_way", "k_shot", "q_query", "episodes", "episode")
+                       if key in best} or None,
+        "parity": parity.to_dict(),
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": onnxruntime.__version__,
+        "opset": opset,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

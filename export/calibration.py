@@ -1,0 +1,101 @@
+"""Calibration on held-out classes, scored with the runtime's own prototype code on ONNX embeddings.
+
+Each calibration episode draws ``2 * n_way`` classes and splits them into two disjoint ``n_way``-way
+episodes A and B with the same number of shots (drawn from 1..max_shot, as devices enroll 1-5 shots).
+A query of A scored against A's prototypes gives logits and its "known" nearest distance; scored
+against B's prototypes (none of them its class) it gives an "unknown" nearest distance; and vice versa.
+From these: the softmax temperature minimising the queries' NLL, and the open-set threshold on the
+nearest distance at the target false-reject rate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fewshot_edge.data.dataset import FewShotDataset
+from fewshot_edge.episodes import EpisodeSampler
+from fewshot_edge.runtime import Calibration, EmbeddingSpec, Engine, OpenSet
+from fewshot_edge.runtime.adapters import distances, logits_from_distances
+from fewshot_edge.runtime.preprocess import normalize
+
+TEMPERATURE_BOUNDS = (1e-4, 1e6)
+_GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``labels`` under softmax(logits / temperature)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), labels]))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
+                    iterations: int = 80) -> float:
+    """The temperature in ``bounds`` minimising ``nll``: golden-section search on log T.
+
+    The NLL is convex in 1/T, so it has one minimum along log T and the search finds it.
+    """
+    def f(log_t: float) -> float:
+        return nll(logits, labels, float(np.exp(log_t)))
+
+    a, b = np.log(bounds[0]), np.log(bounds[1])
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iterations):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - _GOLDEN * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + _GOLDEN * (b - a)
+            fd = f(d)
+    return float(np.exp((a + b) / 2.0))
+
+
+def fit_open_set(known: np.ndarray, unknown: np.ndarray, target_false_reject: float = 0.05,
+                 fitted_on: str | None = None) -> OpenSet:
+    """Threshold = the (1 - target) quantile of the known nearest distances (linear interpolation);
+    records the false-accept rate on ``unknown`` and the false-reject rate on ``known`` it gives."""
+    if not 0.0 < target_false_reject < 1.0:
+        raise ValueError(f"target false-reject rate must be in (0, 1), got {target_false_reject}")
+    threshold = float(np.quantile(known, 1.0 - target_false_reject))
+    return OpenSet(threshold=threshold, statistic="nearest_distance", target_false_reject=target_false_reject,
+                   false_accept=float(np.mean(unknown <= threshold)), false_reject=float(np.mean(known > threshold)),
+                   fitted_on=fitted_on)
+
+
+def calibrate(engine: Engine, data: FewShotDataset, embedding: EmbeddingSpec, episodes: int = 500, n_way: int = 5,
+              max_shot: int = 5, q_query: int = 5, target_false_reject: float = 0.05, seed: int = 0) -> Calibration:
+    """Temperature and open-set threshold fitted on ``episodes`` episode pairs from ``data`` (held-out classes)."""
+    if episodes < 1:
+        raise ValueError(f"calibration needs at least 1 episode, got {episodes}")
+    sampler = EpisodeSampler(data, 2 * n_way, max_shot, q_query, seed=seed)
+    index = np.stack([sampler.sample().index.cpu().numpy() for _ in range(episodes)])  # (E, 2n, shots + queries)
+    shots = np.random.default_rng(seed).integers(1, max_shot + 1, size=episodes)
+    used, inverse = np.unique(index, return_inverse=True)
+    table = _embed_pixels(engine, data, used)
+    inverse = inverse.reshape(index.shape)
+    logits, known, unknown = [], [], []
+    for e, k in enumerate(shots):
+        emb = table[inverse[e]]
+        protos = emb[:, :k].mean(axis=1)
+        for own, other in ((slice(0, n_way), slice(n_way, None)), (slice(n_way, None), slice(0, n_way))):
+            queries = emb[own, max_shot:].reshape(-1, emb.shape[-1])
+            d = distances(queries, protos[own], embedding.metric)
+            logits.append(logits_from_distances(d, embedding))
+            known.append(d.min(axis=1))
+            unknown.append(distances(queries, protos[other], embedding.metric).min(axis=1))
+    labels = np.tile(np.repeat(np.arange(n_way), q_query), 2 * episodes)
+    fitted_on = (f"{episodes} pairs of disjoint {n_way}-way 1..{max_shot}-shot episodes ({q_query} queries per class)"
+                 f" on {data.num_classes} held-out classes")
+    return Calibration(
+        temperature=fit_temperature(np.concatenate(logits), labels),
+        open_set=fit_open_set(np.concatenate(known), np.concatenate(unknown), target_false_reject, fitted_on),
+    )
+
+
+def _embed_pixels(engine: Engine, data: FewShotDataset, ids: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """ONNX embeddings (len(ids), D) of data-set images, normalised a chunk at a time to bound memory."""
+    return np.concatenate([engine.embed(normalize(data.images[ids[i:i + chunk]], data.spec))
+                           for i in range(0, len(ids), chunk)])

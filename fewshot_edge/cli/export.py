@@ -1,0 +1,52 @@
+"""``export``: checkpoint -> verified, calibrated bundle for the device (needs torch and onnx)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import emit_json, main, reports_input_errors
+
+
+@main.command(name="export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
+@click.option("--calibration-episodes", default=500, show_default=True,
+              help="Validation episode pairs the temperature and open-set threshold are fitted on.")
+@click.option("--target-false-reject", default=0.05, show_default=True,
+              help="Open-set threshold: share of known-class queries allowed to be answered 'unknown'.")
+@click.option("--tolerance", default=1e-4, show_default=True, help="Largest |ONNX - PyTorch| embedding difference accepted.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the parity inputs and calibration episodes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the bundle's manifest as JSON.")
+@reports_input_errors
+def export(checkpoint: str, out: str, overwrite: bool, calibration_episodes: int, target_false_reject: float,
+           tolerance: float, seed: int, as_json: bool) -> None:
+    """Export a checkpoint as a bundle: ONNX encoder, parity check, calibration, manifest.
+
+    \b
+    Calibration uses the run's held-out validation classes, so the training data must be at hand.
+    Nothing is written when the ONNX encoder's embeddings differ from PyTorch's beyond --tolerance.
+    Example: fewshot-edge export runs/omniglot/best.pt --out bundles/omniglot
+    """
+    from fewshot_edge.export import ParityError, export_bundle
+
+    try:
+        bundle = export_bundle(checkpoint, out, overwrite=overwrite, calibration_episodes=calibration_episodes,
+                               target_false_reject=target_false_reject, tolerance=tolerance, seed=seed)
+    except ParityError as exc:
+        raise click.ClickException(str(exc)) from None
+    manifest = bundle.manifest
+    if as_json:
+        emit_json({"bundle": str(Path(out)), **manifest.to_dict()})
+        return
+    parity = manifest.provenance["parity"]
+    open_set = manifest.calibration.open_set
+    click.echo(f"parity: max |onnx - torch| = {parity['max_abs_diff']:.2g} (tolerance {parity['tolerance']:g})")
+    click.echo(f"calibration: temperature {manifest.calibration.temperature:.4g}; open-set threshold "
+               f"{open_set.threshold:.4g} (nearest distance): false reject {100 * open_set.false_reject:.1f}% "
+               f"(target {100 * open_set.target_false_reject:.1f}%), false accept {100 * open_set.false_accept:.1f}%")
+    click.echo(f"  fitted on {open_set.fitted_on}")
+    click.echo(f"bundle: {out}")
+    click.echo(f"model id: {bundle.model_id}")

@@ -1,0 +1,169 @@
+"""Speed and memory of a bundle on this machine, with the runtime alone (numpy + onnxruntime + Pillow).
+
+``run_benchmark`` measures: one-image prediction latency from a decoded uint8 array (preprocessing,
+encoder, scoring, store check), the encoder alone on one image, encoder throughput on a batch,
+end-to-end throughput from decoded arrays, enrollment latency (one class of 5 shots into a SQLite
+store), cold start and peak RSS of a fresh process that opens the bundle and predicts.
+Latencies are in milliseconds, throughputs in images per second.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import onnxruntime as ort
+
+from .model import FewShotModel
+from .preprocess import InputSpec, preprocess
+
+SOURCE_SIZE = 105
+WAYS = 5
+SHOTS = 5
+
+
+def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 10) -> dict[str, float]:
+    """p50 and p99 wall time of ``fn()`` over ``runs`` calls after ``warmup`` calls, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        fn()
+        times[i] = time.perf_counter() - start
+    p50, p99 = np.percentile(times, [50, 99]) * 1e3
+    return {"p50_ms": float(p50), "p99_ms": float(p99), "runs": runs}
+
+
+def rate(fn: Callable[[], Any], items: int, seconds: float) -> float:
+    """Items per second of ``fn()`` (which handles ``items`` items), run for at least ``seconds`` after one warm-up."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < seconds:
+        fn()
+        calls += 1
+    return items * calls / (time.perf_counter() - start)
+
+
+def source_images(spec: InputSpec, n: int, seed: int = 0, size: int = SOURCE_SIZE) -> list[np.ndarray]:
+    """``n`` decoded uint8 images (size, size[, 3]) of sparse random strokes, as a camera or file would give."""
+    rng = np.random.default_rng(seed)
+    shape = (n, size, size) if spec.channels == 1 else (n, size, size, 3)
+    return list(np.where(rng.random(shape) < 0.1, 0, 255).astype(np.uint8))
+
+
+def run_benchmark(
+    bundle: Union[str, Path], threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+    runs: int = 1000, batch: int = 256, seconds: float = 2.0, enroll_runs: int = 100, child_runs: int = 300,
+) -> dict[str, Any]:
+    """Measure the bundle (see the module docstring) and return the figures as a JSON-ready dict.
+
+    ``runs`` one-image predictions, throughput loops of ``batch`` images for ``seconds`` each,
+    ``enroll_runs`` enrollments, and ``child_runs`` predictions in the fresh process.
+    """
+    with tempfile.TemporaryDirectory(prefix="fewshot-edge-bench-") as tmp:
+        store = Path(tmp) / "bench.db"
+        with FewShotModel.open(bundle, store=store, threads=threads, providers=providers) as model:
+            spec = model.spec
+            for c in range(WAYS):
+                model.enroll(f"class-{c}", source_images(spec, SHOTS, seed=c + 1))
+            images = source_images(spec, batch, seed=WAYS + 1)
+            one = images[:1]
+            encoder_one = preprocess(one, spec)
+            encoder_batch = preprocess(images, spec)
+            report: dict[str, Any] = {
+                "bundle": str(bundle),
+                "model_id": model.bundle.model_id,
+                "input": shape_text(spec),
+                "source_image": f"{SOURCE_SIZE}x{SOURCE_SIZE} uint8",
+                "machine": machine(),
+                "threads": threads,
+                "providers": model.engine.providers,
+                "predict": time_calls(lambda: model.predict(one), runs),
+                "encoder": time_calls(lambda: model.engine.embed(encoder_one), runs),
+                "batch": batch,
+                "encoder_images_per_s": rate(lambda: model.engine.embed(encoder_batch), batch, seconds),
+                "end_to_end_images_per_s": rate(lambda: model.embed(images), batch, seconds),
+                "enroll": _enroll_latency(bundle, Path(tmp) / "enroll.db", threads, providers, enroll_runs),
+            }
+        report.update(_fresh_process(bundle, store, threads, providers, child_runs))
+    return report
+
+
+def shape_text(spec: InputSpec) -> str:
+    """"CxHxW" of an input spec."""
+    return "x".join(map(str, (spec.channels, spec.height, spec.width)))
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, logical CPUs and library versions."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "onnxruntime": ort.__version__}
+
+
+def _enroll_latency(bundle: Union[str, Path], store: Path, threads: Optional[int], providers: Optional[Sequence[str]],
+                    runs: int) -> dict[str, float]:
+    """Latency of enrolling one class of ``SHOTS`` decoded images into a fresh SQLite store."""
+    with FewShotModel.open(bundle, store=store, threads=threads, providers=providers) as model:
+        shots = source_images(model.spec, SHOTS, seed=WAYS + 2)
+        labels = itertools.count()
+        return time_calls(lambda: model.enroll(f"class-{next(labels)}", shots), runs)
+
+
+def _fresh_process(bundle: Union[str, Path], store: Path, threads: Optional[int], providers: Optional[Sequence[str]],
+                   runs: int) -> dict[str, Any]:
+    """Cold start (process start to the first prediction) and peak RSS of a new interpreter that
+    opens the bundle and store and then predicts one image ``runs`` times."""
+    config = json.dumps({"bundle": str(bundle), "store": str(store), "threads": threads, "providers": providers, "runs": runs})
+    with tempfile.TemporaryFile(mode="w+") as err:  # a file, not a pipe: the child can never block on it
+        start = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-c", "import sys; from fewshot_edge.runtime.bench import _child; _child(sys.argv[1])", config],
+                                 stdout=subprocess.PIPE, stderr=err, text=True)
+        assert child.stdout is not None
+        first = child.stdout.readline()
+        cold = time.perf_counter() - start
+        out = child.stdout.read()  # the same buffered reader: communicate() would skip what readline buffered
+        child.wait(timeout=600)
+        err.seek(0)
+        if child.returncode != 0 or first.strip() != "ready":
+            raise RuntimeError(f"benchmark subprocess failed: {(err.read().strip().splitlines() or ['no output'])[-1]}")
+    return {"cold_start_s": cold, **json.loads(out)}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB. On Linux from VmHWM: getrusage's ru_maxrss there
+    carries the parent's peak over into a child started by fork or vfork and exec."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def _child(config_json: str) -> None:
+    """The fresh process of ``_fresh_process``: open, predict once, say "ready", predict, report RSS."""
+    config = json.loads(config_json)
+    with FewShotModel.open(config["bundle"], store=config["store"], threads=config["threads"], providers=config["providers"]) as model:
+        one = source_images(model.spec, 1, seed=WAYS + 1)
+        model.predict(one)
+        print("ready", flush=True)
+        for _ in range(config["runs"]):
+            model.predict(one)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "rss_predictions": config["runs"]}))
