@@ -276,3 +276,9 @@ def test_default_bundle_is_found_or_named_missing(monkeypatch):
     monkeypatch.setattr(pretrained, "DEFAULT_BUNDLE", "no-such-bundle")
     with pytest.raises(FewShotInputError, match="pretrained bundle is not installed"):
         pretrained.default_bundle()
+
+
+def test_desktop_commands_without_torch_say_which_extra_they_need(tmp_path):
+    done = cli_without_torch("train", "--source", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == ["Error: this command needs torch: pip install 'fewshot-edge[train]'"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 from typing import Any, Callable, TypeVar
 
@@ -31,6 +32,18 @@ def reports_input_errors(func: F) -> F:
             raise InputError(message) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def require_modules(*names: str) -> None:
+    """Fail in one line (exit 1) when a desktop command runs on an install without the [train] extra."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise click.ClickException(f"this command needs {', '.join(missing)}: pip install 'fewshot-edge[train]'")
 
 
 def emit_json(data: Any) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import emit_json, main, reports_input_errors
+from .common import emit_json, main, reports_input_errors, require_modules
 
 
 @main.command(name="export")
@@ -30,6 +30,7 @@ def export(checkpoint: str, out: str, overwrite: bool, calibration_episodes: int
     Nothing is written when the ONNX encoder's embeddings differ from PyTorch's beyond --tolerance.
     Example: fewshot-edge export runs/omniglot/best.pt --out bundles/omniglot
     """
+    require_modules("torch", "onnx")
     from fewshot_edge.export import ParityError, export_bundle
 
     try:

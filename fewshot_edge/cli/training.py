@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .common import echo_err, emit_json, main, reports_input_errors
+from .common import echo_err, emit_json, main, reports_input_errors, require_modules
 
 DATA_KINDS = ["omniglot", "folders"]
 
@@ -76,6 +76,7 @@ def train(data_kind: str, sources: tuple[str, ...], val_sources: tuple[str, ...]
     Example (Omniglot, 5 alphabets held out, 10 minutes on a CPU):
       fewshot-edge train --source images_background.zip --rotations --time-limit 10 --out runs/omniglot
     """
+    require_modules("torch")
     from fewshot_edge.config import TrainConfig
     from fewshot_edge.train import train as run_training
 
@@ -124,6 +125,7 @@ def evaluate(checkpoint: str, sources: tuple[str, ...], way: int, shot: int, que
     By default on the classes the run held out for validation (rebuilt from its config and seed).
     Example: fewshot-edge eval runs/omniglot/best.pt --way 20 --shot 1 --episodes 1000
     """
+    require_modules("torch")
     from fewshot_edge.checkpoint import load_checkpoint
     from fewshot_edge.data import load_dataset
     from fewshot_edge.evaluate import evaluate as run_eval
