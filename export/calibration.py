@@ -1,11 +1,13 @@
 """Calibration on held-out classes, scored with the runtime's own prototype code on ONNX embeddings.
 
 Each calibration episode draws ``2 * n_way`` classes and splits them into two disjoint ``n_way``-way
-episodes A and B with the same number of shots (drawn from 1..max_shot, as devices enroll 1-5 shots).
+episodes A and B with the same number of shots (1..max_shot, as devices enroll 1-5 shots; each count
+in as many episodes as ``episodes`` allows).
 A query of A scored against A's prototypes gives logits and its "known" nearest distance; scored
 against B's prototypes (none of them its class) it gives an "unknown" nearest distance; and vice versa.
-From these: the softmax temperature minimising the queries' NLL, and the open-set threshold on the
-nearest distance at the target false-reject rate.
+From these: the softmax temperature minimising the queries' NLL, and the open-set thresholds on the
+nearest distance at the target false-reject rate, pooled and per shot count (fewer shots give noisier
+prototypes and larger distances, so one pooled threshold rejects too many 1-shot queries).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fewshot_edge.data.dataset import FewShotDataset
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.runtime import Calibration, EmbeddingSpec, Engine, OpenSet
 from fewshot_edge.runtime.adapters import distances, logits_from_distances
+from fewshot_edge.runtime.bundle import OPEN_SET_BY_SHOTS
 from fewshot_edge.runtime.preprocess import normalize
 
 TEMPERATURE_BOUNDS = (1e-4, 1e6)
@@ -54,25 +57,40 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float,
 
 
 def fit_open_set(known: np.ndarray, unknown: np.ndarray, target_false_reject: float = 0.05,
-                 fitted_on: str | None = None) -> OpenSet:
+                 fitted_on: str | None = None, shots: np.ndarray | None = None) -> OpenSet:
     """Threshold = the (1 - target) quantile of the known nearest distances (linear interpolation);
-    records the false-accept rate on ``unknown`` and the false-reject rate on ``known`` it gives."""
+    records the false-accept rate on ``unknown`` and the false-reject rate on ``known`` it gives.
+
+    With ``shots`` (query i's episode shot count; ``known[i]`` and ``unknown[i]`` are query i's
+    distances), one more threshold per shot count, fitted the same way on that count's queries.
+    """
     if not 0.0 < target_false_reject < 1.0:
         raise ValueError(f"target false-reject rate must be in (0, 1), got {target_false_reject}")
-    threshold = float(np.quantile(known, 1.0 - target_false_reject))
+    threshold, false_accept, false_reject = _fit_threshold(known, unknown, target_false_reject)
+    by_shots: dict[str, dict[int, float] | None] = dict.fromkeys(OPEN_SET_BY_SHOTS)
+    if shots is not None:
+        if not len(shots) == len(known) == len(unknown):
+            raise ValueError(f"shots, known and unknown must have one entry per query, got {len(shots)}, {len(known)}, {len(unknown)}")
+        fits = {int(k): _fit_threshold(known[shots == k], unknown[shots == k], target_false_reject) for k in np.unique(shots)}
+        by_shots = {name: {k: fit[i] for k, fit in fits.items()} for i, name in enumerate(OPEN_SET_BY_SHOTS)}
     return OpenSet(threshold=threshold, statistic="nearest_distance", target_false_reject=target_false_reject,
-                   false_accept=float(np.mean(unknown <= threshold)), false_reject=float(np.mean(known > threshold)),
-                   fitted_on=fitted_on)
+                   false_accept=false_accept, false_reject=false_reject, fitted_on=fitted_on, **by_shots)
+
+
+def _fit_threshold(known: np.ndarray, unknown: np.ndarray, target_false_reject: float) -> tuple[float, float, float]:
+    """(threshold, false-accept rate, false-reject rate) of ``fit_open_set``'s rule."""
+    threshold = float(np.quantile(known, 1.0 - target_false_reject))
+    return threshold, float(np.mean(unknown <= threshold)), float(np.mean(known > threshold))
 
 
 def calibrate(engine: Engine, data: FewShotDataset, embedding: EmbeddingSpec, episodes: int = 500, n_way: int = 5,
               max_shot: int = 5, q_query: int = 5, target_false_reject: float = 0.05, seed: int = 0) -> Calibration:
-    """Temperature and open-set threshold fitted on ``episodes`` episode pairs from ``data`` (held-out classes)."""
+    """Temperature and open-set thresholds fitted on ``episodes`` episode pairs from ``data`` (held-out classes)."""
     if episodes < 1:
         raise ValueError(f"calibration needs at least 1 episode, got {episodes}")
     sampler = EpisodeSampler(data, 2 * n_way, max_shot, q_query, seed=seed)
     index = np.stack([sampler.sample().index.cpu().numpy() for _ in range(episodes)])  # (E, 2n, shots + queries)
-    shots = np.random.default_rng(seed).integers(1, max_shot + 1, size=episodes)
+    shots = np.random.default_rng(seed).permutation(np.arange(episodes) % max_shot + 1)
     used, inverse = np.unique(index, return_inverse=True)
     table = _embed_pixels(engine, data, used)
     inverse = inverse.reshape(index.shape)
@@ -87,11 +105,12 @@ def calibrate(engine: Engine, data: FewShotDataset, embedding: EmbeddingSpec, ep
             known.append(d.min(axis=1))
             unknown.append(distances(queries, protos[other], embedding.metric).min(axis=1))
     labels = np.tile(np.repeat(np.arange(n_way), q_query), 2 * episodes)
+    query_shots = np.repeat(shots, 2 * n_way * q_query)
     fitted_on = (f"{episodes} pairs of disjoint {n_way}-way 1..{max_shot}-shot episodes ({q_query} queries per class)"
                  f" on {data.num_classes} held-out classes")
     return Calibration(
         temperature=fit_temperature(np.concatenate(logits), labels),
-        open_set=fit_open_set(np.concatenate(known), np.concatenate(unknown), target_false_reject, fitted_on),
+        open_set=fit_open_set(np.concatenate(known), np.concatenate(unknown), target_false_reject, fitted_on, query_shots),
     )
 
 

@@ -3,7 +3,8 @@
 A mode is built from the bundle (its parameters are ``manifest.adaptation.modes[name]``) and the
 encoder engine; it is fitted from the stored shots, may take newly enrolled shots in incrementally,
 and scores query embeddings as logits (before the calibrated temperature) plus the distance to the
-nearest prototype, which the model compares with the open-set threshold.
+nearest prototype and that class's number of shots, which the model compares with the open-set
+threshold for that many shots.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class Adapter(ABC):
         return False
 
     @abstractmethod
-    def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (N, C) before temperature, and each query's nearest-prototype distance (N,)."""
+    def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits (N, C) before temperature, each query's nearest-prototype distance (N,) and the
+        number of shots of that nearest class (N,) int."""
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -102,9 +104,10 @@ class PrototypeAdapter(Adapter):
         self._update_prototypes()
         return True
 
-    def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         d = distances(queries, self.prototypes, self.embedding.metric)
-        return logits_from_distances(d, self.embedding), d.min(axis=1)
+        nearest = d.argmin(axis=1)
+        return logits_from_distances(d, self.embedding), d[np.arange(len(d)), nearest], self._counts[nearest].astype(np.int64)
 
     def _update_prototypes(self) -> None:
         self.prototypes = (self._sums / np.maximum(self._counts, 1.0)[:, None]).astype(np.float32)

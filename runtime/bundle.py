@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METRICS = ("sqeuclidean", "cosine")
 OPEN_SET_STATISTICS = ("nearest_distance",)
+OPEN_SET_BY_SHOTS = ("thresholds_by_shots", "false_accept_by_shots", "false_reject_by_shots")  # OpenSet's per-shot-count fields
 
 FileSource = Union[str, Path, bytes]
 
@@ -51,8 +52,13 @@ class EmbeddingSpec:
 @dataclass(frozen=True)
 class OpenSet:
     """The open-set test: a query whose nearest-prototype distance (squared Euclidean, or 1 - cosine
-    for the cosine metric; unscaled) exceeds ``threshold`` is "unknown". ``None`` = never unknown.
-    The other fields record how the threshold was fitted."""
+    for the cosine metric; unscaled) exceeds ``threshold_for(shots of the nearest class)`` is "unknown".
+
+    ``threshold`` is the one pooled over every shot count (the only one in older bundles);
+    ``thresholds_by_shots`` maps a shot count to its own threshold. ``None`` = never unknown.
+    The other fields record how the thresholds were fitted (``false_*`` for the pooled one,
+    ``false_*_by_shots`` per shot count). In JSON the shot counts are string keys.
+    """
 
     threshold: Optional[float] = None
     statistic: str = "nearest_distance"
@@ -60,12 +66,37 @@ class OpenSet:
     false_accept: Optional[float] = None
     false_reject: Optional[float] = None
     fitted_on: Optional[str] = None
+    thresholds_by_shots: Optional[Mapping[int, float]] = None
+    false_accept_by_shots: Optional[Mapping[int, float]] = None
+    false_reject_by_shots: Optional[Mapping[int, float]] = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None:
             object.__setattr__(self, "threshold", float(self.threshold))
         if self.statistic not in OPEN_SET_STATISTICS:
             raise FewShotInputError(f"open-set statistic {self.statistic!r} is not supported (supported: {', '.join(OPEN_SET_STATISTICS)})")
+        for name in OPEN_SET_BY_SHOTS:
+            by_shots = getattr(self, name)
+            if by_shots is not None:
+                by_shots = dict(sorted((int(k), float(v)) for k, v in by_shots.items()))
+                if any(k < 1 for k in by_shots):
+                    raise FewShotInputError(f"open-set {name} keys must be shot counts >= 1, got {sorted(by_shots)}")
+                object.__setattr__(self, name, by_shots)
+
+    def threshold_for(self, shots: int) -> Optional[float]:
+        """The threshold for a nearest class with ``shots`` shots: that count's own, the largest
+        fitted count's beyond it, the pooled ``threshold`` for a count without one."""
+        if not self.thresholds_by_shots:
+            return self.threshold
+        return self.thresholds_by_shots.get(min(shots, max(self.thresholds_by_shots)), self.threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: ``asdict`` with the shot counts as string keys."""
+        d = asdict(self)
+        for name in OPEN_SET_BY_SHOTS:
+            if d[name] is not None:
+                d[name] = {str(k): v for k, v in d[name].items()}
+        return d
 
 
 @dataclass(frozen=True)
@@ -119,7 +150,7 @@ class Manifest:
             "input": self.input_spec.to_dict(),
             "embedding": asdict(self.embedding),
             "adaptation": {"default": self.adaptation.default, "modes": {k: dict(v) for k, v in self.adaptation.modes.items()}},
-            "calibration": asdict(self.calibration),
+            "calibration": {"temperature": self.calibration.temperature, "open_set": self.calibration.open_set.to_dict()},
             "provenance": dict(self.provenance),
         }
 

@@ -22,7 +22,8 @@ Images = Union[ImageLike, Sequence[ImageLike]]
 @dataclass(frozen=True)
 class Prediction:
     """One query's answer. ``label`` is "unknown" when the nearest distance exceeds the calibrated
-    threshold; ``probability`` and ``top_k`` always describe the enrolled classes."""
+    threshold for the nearest class's number of shots; ``probability`` and ``top_k`` always describe
+    the enrolled classes."""
 
     label: str
     probability: float
@@ -112,14 +113,15 @@ class FewShotModel:
         """The most likely class per image, "unknown" beyond the open-set threshold, and the top k."""
         if top_k < 1:
             raise FewShotInputError(f"top_k must be at least 1, got {top_k}")
-        probabilities, nearest = self._score(images)
+        probabilities, nearest, shots = self._score(images)
         labels = self.adapter.labels
-        threshold = self._calibration.open_set.threshold
+        counts, inverse = np.unique(shots, return_inverse=True)
+        limits = np.array([self._calibration.open_set.threshold_for(int(k)) for k in counts], dtype=np.float64)
+        unknowns = nearest > limits[inverse]  # a None threshold is NaN: never exceeded
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         predictions = []
-        for p, ranked, distance in zip(probabilities, order, nearest):
+        for p, ranked, distance, unknown in zip(probabilities, order, nearest, unknowns):
             top = [(labels[j], float(p[j])) for j in ranked]
-            unknown = threshold is not None and distance > threshold
             predictions.append(Prediction(RESERVED_LABEL if unknown else top[0][0], top[0][1], float(distance), top))
         return predictions
 
@@ -150,17 +152,17 @@ class FewShotModel:
             self.adapter.fit(shots)
             self._fitted_version = shots.version
 
-    def _score(self, images: Images) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities (N, C) and nearest-prototype distances (N,)."""
+    def _score(self, images: Images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Probabilities (N, C), nearest-prototype distances (N,) and the nearest classes' shot counts (N,)."""
         batch = preprocess(_as_list(images), self.spec)
         self._fit_if_changed()
         if not self.adapter.labels:
             raise FewShotInputError("no classes enrolled; enroll some before predicting")
-        logits, nearest = self.adapter.score(self.adapter.embed(batch))
+        logits, nearest, shots = self.adapter.score(self.adapter.embed(batch))
         logits = logits / self._calibration.temperature
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
-        return exp / exp.sum(axis=1, keepdims=True), nearest
+        return exp / exp.sum(axis=1, keepdims=True), nearest, shots
 
 
 def _as_list(images: Images) -> list[ImageLike]:

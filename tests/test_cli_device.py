@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from test_runtime_support import BLOCK_TORCH, images, make_bundle, weight
+from runtime_support import BLOCK_TORCH, images, make_bundle, weight
 
 from fewshot_edge.cli import main
 from fewshot_edge.cli.device import format_bench, pytorch_figures

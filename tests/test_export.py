@@ -107,6 +107,10 @@ def test_manifest_records_calibration_and_provenance(bundle):
     open_set = calibration.open_set
     assert open_set.threshold > 0 and open_set.statistic == "nearest_distance" and open_set.target_false_reject == 0.05
     assert abs(open_set.false_reject - 0.05) < 0.01 and 0.0 <= open_set.false_accept < 1.0
+    assert list(open_set.thresholds_by_shots) == [1, 2, 3, 4, 5]  # 20 episode pairs each
+    assert all(abs(open_set.false_reject_by_shots[k] - 0.05) < 0.01 for k in range(1, 6))
+    assert all(0.0 <= open_set.false_accept_by_shots[k] < 1.0 for k in range(1, 6))
+    assert open_set.thresholds_by_shots[1] > open_set.thresholds_by_shots[5]  # 1-shot prototypes are farther
     assert open_set.fitted_on.startswith("100 pairs of disjoint 5-way 1..5-shot episodes")
     assert "held-out classes" in open_set.fitted_on
     p = manifest.provenance
@@ -160,8 +164,24 @@ def test_open_set_threshold_is_the_known_quantile():
     assert (open_set.false_reject, open_set.false_accept) == (pytest.approx(0.05), 0.25)
     small = fit_open_set(np.array([4.0, 1.0, 3.0, 2.0]), np.array([3.0, 3.25, 3.5]), 0.25)
     assert small.threshold == pytest.approx(3.25) and small.false_reject == 0.25 and small.false_accept == pytest.approx(2 / 3)
+    assert small.thresholds_by_shots is None and small.false_accept_by_shots is None and small.false_reject_by_shots is None
     with pytest.raises(ValueError, match="false-reject rate"):
         fit_open_set(np.ones(3), np.ones(3), 0.0)
+
+
+def test_open_set_thresholds_by_shots_are_each_counts_known_quantile():
+    # query i: known[i], unknown[i], shots[i]; 1 shot: known 4, 1, 3, 2; 2 shots: known 10, 20, 30, 40, 50
+    shots = np.array([1, 2, 1, 2, 1, 2, 1, 2, 2])
+    known = np.array([4.0, 10.0, 1.0, 20.0, 3.0, 30.0, 2.0, 40.0, 50.0])
+    unknown = np.array([3.0, 5.0, 3.25, 40.0, 3.5, 41.0, 9.0, 100.0, 39.0])
+    open_set = fit_open_set(known, unknown, 0.25, shots=shots)
+    assert open_set.thresholds_by_shots == {1: pytest.approx(3.25), 2: pytest.approx(40.0)}  # 1 + 0.75 * 3; 10 + 0.75 * 40
+    assert open_set.false_reject_by_shots == {1: 0.25, 2: 0.2} and open_set.false_accept_by_shots == {1: 0.5, 2: 0.6}
+    assert open_set.threshold == pytest.approx(30.0)  # pooled: sorted 1 2 3 4 10 20 30 40 50, position 0.75 * 8
+    assert (open_set.false_reject, open_set.false_accept) == (pytest.approx(2 / 9), pytest.approx(5 / 9))
+    assert open_set.threshold_for(1) == pytest.approx(3.25) and open_set.threshold_for(7) == pytest.approx(40.0)
+    with pytest.raises(ValueError, match="one entry per query"):
+        fit_open_set(known, unknown[:-1], 0.25, shots=shots)
 
 
 def test_cli_export_json_text_and_overwrite(checkpoint, tmp_path):
@@ -177,6 +197,7 @@ def test_cli_export_json_text_and_overwrite(checkpoint, tmp_path):
     result = runner.invoke(main, [*args, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert "parity: max |onnx - torch|" in result.output and "open-set threshold" in result.output
+    assert "thresholds by shots (used on the device): 1: " in result.output and ", 5: " in result.output
     assert f"model id: {manifest['model_id']}" in result.output  # the same weights give the same files
 
 

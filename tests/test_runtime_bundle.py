@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from test_runtime_support import SPEC, linear_encoder, make_bundle, weight
+from runtime_support import SPEC, linear_encoder, make_bundle, weight
 
 from fewshot_edge.runtime import (
-    Adaptation, Calibration, EmbeddingSpec, FewShotInputError, InputSpec, OpenSet, open_bundle, write_bundle,
+    Adaptation, Calibration, EmbeddingSpec, FewShotInputError, InputSpec, Manifest, OpenSet, open_bundle, write_bundle,
 )
 
 
@@ -61,6 +61,40 @@ def test_write_then_open_round_trips_every_field(tmp_path):
     raw = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert raw["format"] == "fewshot-edge-bundle" and raw["format_version"] == 1
     assert set(raw) == {"format", "format_version", "model_id", "files", "input", "embedding", "adaptation", "calibration", "provenance"}
+
+
+def test_thresholds_by_shots_round_trip_with_string_keys(tmp_path):
+    open_set = OpenSet(threshold=0.7, thresholds_by_shots={3: 0.6, 1: 0.9, 2: 0.8}, false_accept_by_shots={1: 0.2, 2: 0.1, 3: 0.05},
+                       false_reject_by_shots={1: 0.05, 2: 0.05, 3: 0.04})
+    written = write_bundle(tmp_path / "b", {"encoder.onnx": linear_encoder(weight())}, input_spec=SPEC, embedding=EmbeddingSpec(3),
+                           calibration=Calibration(1.5, open_set))
+    raw = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert raw == written.manifest.to_dict()
+    assert raw["calibration"]["open_set"]["thresholds_by_shots"] == {"1": 0.9, "2": 0.8, "3": 0.6}
+    assert list(raw["calibration"]["open_set"]["thresholds_by_shots"]) == ["1", "2", "3"]
+    assert Manifest.from_dict(raw) == written.manifest == open_bundle(tmp_path / "b").manifest
+    opened = open_bundle(tmp_path / "b").manifest.calibration.open_set
+    assert opened.thresholds_by_shots == {1: 0.9, 2: 0.8, 3: 0.6} and opened.false_accept_by_shots[2] == 0.1
+    assert [opened.threshold_for(k) for k in (1, 2, 3, 4, 9)] == [0.9, 0.8, 0.6, 0.6, 0.6]
+
+
+def test_threshold_for_a_shot_count_without_its_own_is_the_pooled_one():
+    gappy = OpenSet(threshold=0.7, thresholds_by_shots={"1": 0.9, "3": 0.6})
+    assert [gappy.threshold_for(k) for k in (1, 2, 3, 5)] == [0.9, 0.7, 0.6, 0.6]
+    assert [OpenSet(threshold=0.7).threshold_for(k) for k in (1, 9)] == [0.7, 0.7]
+    assert OpenSet().threshold_for(1) is None
+    with pytest.raises(FewShotInputError, match="shot counts >= 1"):
+        OpenSet(thresholds_by_shots={0: 1.0})
+
+
+def test_an_old_manifest_with_a_single_threshold_opens(tmp_path):
+    make_bundle(tmp_path / "b", weight(), threshold=0.5)
+    old = {"threshold": 0.5, "statistic": "nearest_distance", "target_false_reject": 0.05, "false_accept": 0.1,
+           "false_reject": 0.05, "fitted_on": "val"}
+    edit_manifest(tmp_path / "b", lambda m: m["calibration"].update(open_set=old))
+    open_set = open_bundle(tmp_path / "b").manifest.calibration.open_set
+    assert open_set == OpenSet(**old) and open_set.thresholds_by_shots is None
+    assert [open_set.threshold_for(k) for k in (1, 5, 9)] == [0.5, 0.5, 0.5]
 
 
 def test_source_files_are_copied_and_leave_no_temporary_folders(tmp_path):
@@ -161,6 +195,8 @@ def test_missing_keys_are_named(tmp_path, path, key):
     (lambda m: m["adaptation"].update(default="film"), "film"),
     (lambda m: m.update(input="RGB"), "input"),
     (lambda m: m["embedding"].update(size="big"), "invalid field"),
+    (lambda m: m["calibration"]["open_set"].update(thresholds_by_shots={"one": 1.0}), "invalid field"),
+    (lambda m: m["calibration"]["open_set"].update(thresholds_by_shots={"0": 1.0}), "shot counts >= 1"),
 ])
 def test_invalid_fields_are_refused(tmp_path, edit, fragment):
     make_bundle(tmp_path / "b", weight())

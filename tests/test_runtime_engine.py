@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_runtime_support import linear_encoder, weight
+from runtime_support import linear_encoder, weight
 
 from fewshot_edge.runtime import Engine, FewShotInputError
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
-from test_runtime_support import BLOCK_TORCH, DIM, SPEC, embed_by_hand, images, linear_encoder, make_bundle, run_python, weight
+from runtime_support import BLOCK_TORCH, DIM, SPEC, embed_by_hand, images, linear_encoder, make_bundle, run_python, weight
 
 from fewshot_edge.runtime import Adaptation, EmbeddingSpec, FewShotInputError, FewShotModel, InputSpec, write_bundle
 
@@ -72,6 +74,46 @@ def test_unknown_beyond_the_calibrated_threshold(tmp_path, w):
     assert 0 < far.sum() < len(QUERIES)
     assert [p.label == "unknown" for p in predictions] == far.tolist()
     assert all(p.top_k[0][0] in ("cat", "dog") for p in predictions)
+
+
+ONE, THREE, NINE = images(6, 1, center=40, spread=5), images(7, 3, center=130, spread=5), images(8, 9, center=220, spread=5)
+NEAR = images(9, 1, center=45, spread=5) + images(10, 1, center=125, spread=5) + images(11, 1, center=215, spread=5)
+
+
+def enroll_one_three_nine(m: FewShotModel) -> None:
+    """Classes of 1, 3 (2 enrolled, 1 added) and 9 shots."""
+    m.enroll("one", ONE)
+    m.enroll("three", THREE[:2])
+    m.predict(NEAR[:1])
+    m.add_shots("three", THREE[2:])
+    m.enroll("nine", NINE)
+
+
+def test_threshold_follows_the_nearest_class_shot_count(tmp_path, w):
+    probabilities, nearest = by_hand(w, [ONE, THREE, NINE], NEAR)
+    assert probabilities.argmax(1).tolist() == [0, 1, 2]
+    low, high = 0.99 * nearest.min(), 1.01 * nearest.max()  # below every distance, above every distance
+    # 1 shot: own (high); 3 shots: own (low); 9 shots: beyond the largest fitted count, so 5's (high).
+    make_bundle(tmp_path / "b", w, threshold=low, thresholds_by_shots={1: high, 2: low, 3: low, 4: low, 5: high})
+    with FewShotModel.open(tmp_path / "b") as m:
+        enroll_one_three_nine(m)
+        assert m.classes() == [("one", 1), ("three", 3), ("nine", 9)]
+        assert [p.label for p in m.predict(NEAR)] == ["one", "unknown", "nine"]
+
+
+def test_an_old_manifest_single_threshold_applies_to_every_shot_count(tmp_path, w):
+    _, nearest = by_hand(w, [ONE, THREE, NINE], NEAR)
+    threshold = float(np.sort(nearest)[:2].mean())
+    make_bundle(tmp_path / "b", w, threshold=threshold)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest["calibration"]["open_set"] = {"threshold": threshold, "statistic": "nearest_distance", "fitted_on": "old"}
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    with FewShotModel.open(tmp_path / "b") as m:
+        enroll_one_three_nine(m)
+        predictions = m.predict(NEAR)
+    far = nearest > threshold
+    assert far.sum() == 2
+    assert [p.label == "unknown" for p in predictions] == far.tolist()
 
 
 def test_no_threshold_never_answers_unknown(model):

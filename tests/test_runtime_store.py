@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_runtime_support import run_python
+from runtime_support import run_python
 
 from fewshot_edge.runtime import EnrollmentStore, FewShotInputError, validate_label
 from fewshot_edge.runtime.store import SCHEMA_VERSION

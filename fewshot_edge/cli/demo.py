@@ -84,7 +84,7 @@ def drawn_symbols(bundle_dir: Path, bundle: Optional[str], ways: int, queries: i
         for label, image in shots.items():
             model.enroll(label, [image])
         predictions, latencies = classify(model, [image for _, image in drawings.values()])
-        threshold = model.bundle.manifest.calibration.open_set.threshold
+        threshold = model.bundle.manifest.calibration.open_set.threshold_for(1)
     truth = [label for label, _ in drawings.values()]
     known = list(zip(predictions[:-1], truth[:-1]))
     correct = sum(p.label == t for p, t in known)
@@ -93,7 +93,7 @@ def drawn_symbols(bundle_dir: Path, bundle: Optional[str], ways: int, queries: i
     click.echo(f"enrolled {ways} symbols from one drawing each")
     click.echo(f"new drawings: {correct}/{len(known)} correct ({100 * correct / len(known):.1f}%), "
                f"{sum(p.label == 'unknown' for p, _ in known)} answered unknown")
-    limit = "no open-set threshold in this bundle" if threshold is None else f"threshold {threshold:.4g}"
+    limit = "no open-set threshold in this bundle" if threshold is None else f"1-shot threshold {threshold:.4g}"
     click.echo(f"unseen symbol: {unseen.label} (nearest {unseen.top_k[0][0]}, distance {unseen.distance:.4g}, {limit}) "
                f"-> {'rejected' if unseen.label == 'unknown' else 'NOT rejected'}")
     click.echo(f"latency: {1e3 * float(np.median(latencies)):.2f} ms per image (median; decoded image -> label)")

@@ -151,7 +151,7 @@ def predict(bundle: Optional[str], store: str, reembed: bool, adapt: Optional[st
 
     \b
     Prints the label, its probability and the distance to the nearest class prototype; the label is
-    "unknown" when that distance is beyond the bundle's calibrated open-set threshold.
+    "unknown" when that distance is beyond the bundle's open-set threshold for that class's number of shots.
       fewshot-edge predict --store device.db photo.png --top-k 3
     """
     if top_k < 1:

@@ -46,8 +46,10 @@ def export(checkpoint: str, out: str, overwrite: bool, calibration_episodes: int
     open_set = manifest.calibration.open_set
     click.echo(f"parity: max |onnx - torch| = {parity['max_abs_diff']:.2g} (tolerance {parity['tolerance']:g})")
     click.echo(f"calibration: temperature {manifest.calibration.temperature:.4g}; open-set threshold "
-               f"{open_set.threshold:.4g} (nearest distance): false reject {100 * open_set.false_reject:.1f}% "
+               f"{open_set.threshold:.4g} pooled over shot counts (nearest distance): false reject {100 * open_set.false_reject:.1f}% "
                f"(target {100 * open_set.target_false_reject:.1f}%), false accept {100 * open_set.false_accept:.1f}%")
+    click.echo("  thresholds by shots (used on the device): "
+               + ", ".join(f"{k}: {t:.4g}" for k, t in open_set.thresholds_by_shots.items()))
     click.echo(f"  fitted on {open_set.fitted_on}")
     click.echo(f"bundle: {out}")
     click.echo(f"model id: {bundle.model_id}")

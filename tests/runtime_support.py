@@ -38,12 +38,13 @@ def weight(seed: int = 0, spec: InputSpec = SPEC, dim: int = DIM) -> np.ndarray:
 
 def make_bundle(
     path: Path, w: np.ndarray, spec: InputSpec = SPEC, metric: str = "sqeuclidean", scale: float = 1.0,
-    temperature: float = 1.0, threshold: float | None = None,
+    temperature: float = 1.0, threshold: float | None = None, thresholds_by_shots: dict[int, float] | None = None,
 ) -> Bundle:
+    open_set = OpenSet(threshold=threshold, fitted_on="test", thresholds_by_shots=thresholds_by_shots)
     return write_bundle(
         path, {"encoder.onnx": linear_encoder(w, ("N", spec.channels, spec.height, spec.width))},
         input_spec=spec, embedding=EmbeddingSpec(w.shape[1], metric, scale),
-        calibration=Calibration(temperature, OpenSet(threshold=threshold, fitted_on="test")),
+        calibration=Calibration(temperature, open_set),
         provenance={"method": "test"},
     )
 
