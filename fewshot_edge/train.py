@@ -90,11 +90,15 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
         history, best = payload["history"], payload["best"]
 
     def validate(episode: int, elapsed: float) -> EvalResult:
+        """Validate, keep the best checkpoint, and write last.pt so a crashed run can be resumed."""
         result = evaluate_sampler(method, EpisodeSampler(*val_sampler_args), config.val_episodes)
         history.append({"episode": episode, "elapsed_s": round(elapsed, 1), **result.to_dict()})
         if result.accuracy > best["accuracy"]:
             best.update(result.to_dict(), episode=episode)
             save_checkpoint(out / "best.pt", method, config, train_data.spec, episode=episode, best=best)
+        save_checkpoint(out / "last.pt", method, config, train_data.spec, episode=episode, elapsed=elapsed,
+                        optimizer=optimizer.state_dict(), generator=sampler.generator.get_state(),
+                        history=history, best=best)
         return result
 
     amp = config.amp and autocast_enabled(device)
@@ -137,7 +141,8 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
         if episode % config.val_every == 0:
             v0 = time.perf_counter()
             val_result = validate(episode, v0 - t0)
-            val_seconds += time.perf_counter() - v0
+            if steady_from:
+                val_seconds += time.perf_counter() - v0
     if device.type == "cuda":
         torch.cuda.synchronize()
     loop_end = time.perf_counter()
@@ -146,9 +151,6 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
     elapsed = loop_end - t0
     if not history or history[-1]["episode"] != episode:
         validate(episode, elapsed)
-    save_checkpoint(out / "last.pt", method, config, train_data.spec, episode=episode, elapsed=elapsed,
-                    optimizer=optimizer.state_dict(), generator=sampler.generator.get_state(),
-                    history=history, best=best)
     metrics = {"episodes": episode, "elapsed_s": round(elapsed, 3),
                "episodes_per_s": round((episode - start_episode) / max(elapsed - elapsed_before, 1e-9), 2),
                "steady_episodes_per_s": round((episode - steady_from[0]) / max(loop_end - steady_from[1] - val_seconds, 1e-9), 2)
