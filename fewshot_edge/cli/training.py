@@ -107,8 +107,8 @@ def train(data_kind: str, sources: tuple[str, ...], val_sources: tuple[str, ...]
 @main.command(name="eval")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--source", "sources", multiple=True, type=click.Path(exists=True),
-              help="Evaluate on every class of these sources (e.g. images_evaluation.zip) instead of the "
-                   "run's held-out validation classes.")
+              help="Evaluate on every class of these sources (e.g. images_evaluation.zip; Omniglot "
+                   "characters upright) instead of the run's held-out validation classes.")
 @click.option("--way", default=5, show_default=True)
 @click.option("--shot", default=1, show_default=True)
 @click.option("--query", default=15, show_default=True)
@@ -128,13 +128,14 @@ def evaluate(checkpoint: str, sources: tuple[str, ...], way: int, shot: int, que
     require_modules("torch")
     from fewshot_edge.checkpoint import load_checkpoint
     from fewshot_edge.data import load_dataset
+    from fewshot_edge.data.omniglot import upright
     from fewshot_edge.evaluate import evaluate as run_eval
     from fewshot_edge.train import load_splits, resolve_device
 
     dev = resolve_device(device)
     method, config, _, _ = load_checkpoint(checkpoint, dev)
     if sources:
-        data = load_dataset(config.data, list(sources), **config.data_options)
+        data = upright(load_dataset(config.data, list(sources), **config.data_options))
     else:
         data = load_splits(config)[1]
     if not as_json:
