@@ -7,9 +7,10 @@ from typing import Any
 from fewshot_edge.models import Backbone
 
 from .base import FewShotMethod
+from .film import FiLMProtoNet
 from .protonet import ProtoNet
 
-METHODS: dict[str, type[FewShotMethod]] = {ProtoNet.name: ProtoNet}
+METHODS: dict[str, type[FewShotMethod]] = {ProtoNet.name: ProtoNet, FiLMProtoNet.name: FiLMProtoNet}
 
 
 def create_method(name: str, backbone: Backbone, **options: Any) -> FewShotMethod:
@@ -19,4 +20,4 @@ def create_method(name: str, backbone: Backbone, **options: Any) -> FewShotMetho
     return METHODS[name](backbone, **options)
 
 
-__all__ = ["METHODS", "FewShotMethod", "ProtoNet", "create_method"]
+__all__ = ["METHODS", "FewShotMethod", "FiLMProtoNet", "ProtoNet", "create_method"]

@@ -12,6 +12,13 @@ from fewshot_edge.episodes import Episode
 from fewshot_edge.models import Backbone
 
 
+def query_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of query logits and their accuracy (a 0-d tensor, not synced)."""
+    loss = F.cross_entropy(logits.float(), labels)
+    acc = (logits.argmax(-1) == labels).float().mean()
+    return loss, acc
+
+
 class FewShotMethod(nn.Module):
     """A meta-learner over a backbone: logits for an episode's queries, a training loss, export info.
 
@@ -36,9 +43,7 @@ class FewShotMethod(nn.Module):
     def loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy on the queries and the episode accuracy (a 0-d tensor, not synced)."""
         logits = self.logits(episode.support, episode.support_labels, episode.query, episode.n_way)
-        loss = F.cross_entropy(logits.float(), episode.query_labels)
-        acc = (logits.argmax(-1) == episode.query_labels).float().mean()
-        return loss, acc
+        return query_loss(logits, episode.query_labels)
 
     def export_info(self) -> dict[str, Any]:
         """What the bundle's manifest records about this method (embedding metric, adaptation modes)."""
