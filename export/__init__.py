@@ -5,10 +5,10 @@ The bundle schema and preprocessing are the runtime's; the runtime never imports
 
 from .bundle import export_bundle
 from .calibration import calibrate, fit_open_set, fit_temperature, nll
-from .onnx import export_onnx
+from .onnx import FiLMSessions, export_context_onnx, export_onnx
 from .parity import ParityError, ParityReport, check_parity
 
 __all__ = [
-    "ParityError", "ParityReport", "calibrate", "check_parity", "export_bundle", "export_onnx", "fit_open_set",
-    "fit_temperature", "nll",
+    "FiLMSessions", "ParityError", "ParityReport", "calibrate", "check_parity", "export_bundle", "export_context_onnx",
+    "export_onnx", "fit_open_set", "fit_temperature", "nll",
 ]

@@ -1,4 +1,8 @@
-"""``export_bundle``: checkpoint -> ONNX encoder -> parity check -> calibration -> bundle, atomically."""
+"""``export_bundle``: checkpoint -> ONNX encoder -> parity check -> calibration -> bundle, atomically.
+
+A FiLM method's bundle holds two graphs: ``context.onnx`` (role "context", support images -> FiLM)
+and ``encoder.onnx`` (role "encoder", images and FiLM -> embeddings); its default adaptation is "film".
+"""
 
 from __future__ import annotations
 
@@ -15,14 +19,16 @@ import torch
 from fewshot_edge import __version__
 from fewshot_edge.checkpoint import load_checkpoint
 from fewshot_edge.config import TrainConfig
+from fewshot_edge.methods import FewShotMethod
 from fewshot_edge.runtime import Adaptation, Bundle, EmbeddingSpec, Engine, FewShotInputError, write_bundle
 from fewshot_edge.train import load_splits
 
 from .calibration import calibrate
-from .onnx import export_onnx
+from .onnx import FILM_NAME, INPUT_NAME, FiLMSessions, export_context_onnx, export_onnx, has_film
 from .parity import ParityError, ParityReport, check_parity
 
 ENCODER_FILE = "encoder.onnx"
+CONTEXT_FILE = "context.onnx"
 PARITY_IMAGES = 64
 
 
@@ -43,19 +49,34 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, overwrite: boo
     validation = load_splits(config)[1]
     info = method.export_info()
     embedding = EmbeddingSpec(size=method.backbone.out_dim, metric=info["metric"], scale=info["scale"])
+    film = has_film(method)
     with tempfile.TemporaryDirectory(prefix="fewshot-edge-export-") as tmp:
-        onnx_path = Path(tmp) / ENCODER_FILE
-        opset = export_onnx(method, spec, onnx_path).opset_import[0].version
-        engine = Engine(onnx_path)
+        files = {ENCODER_FILE: Path(tmp) / ENCODER_FILE, **({CONTEXT_FILE: Path(tmp) / CONTEXT_FILE} if film else {})}
+        if film:
+            export_context_onnx(method, spec, files[CONTEXT_FILE])
+            opset = export_onnx(method, spec, files[ENCODER_FILE], film=True).opset_import[0].version
+            engine: Engine | FiLMSessions = FiLMSessions(files[CONTEXT_FILE], files[ENCODER_FILE])
+        else:
+            opset = export_onnx(method, spec, files[ENCODER_FILE]).opset_import[0].version
+            engine = Engine(files[ENCODER_FILE])
         real = np.random.default_rng(seed).choice(len(validation), min(PARITY_IMAGES, len(validation)), replace=False)
         parity = check_parity(method, engine, spec, validation.images[np.sort(real)], tolerance=tolerance, seed=seed)
         if not parity.passed:
             raise ParityError(parity)
         calibration = calibrate(engine, validation, embedding, episodes=calibration_episodes,
                                 target_false_reject=target_false_reject, seed=seed)
-        return write_bundle(out, {ENCODER_FILE: onnx_path}, input_spec=spec, embedding=embedding,
-                            adaptation=Adaptation(modes=info["modes"]), calibration=calibration,
+        return write_bundle(out, files, input_spec=spec, embedding=embedding,
+                            adaptation=_adaptation(method, info), calibration=calibration,
                             provenance=_provenance(config, payload, Path(checkpoint), parity, opset), overwrite=overwrite)
+
+
+def _adaptation(method: FewShotMethod, info: dict[str, Any]) -> Adaptation:
+    """The method's modes; a FiLM method's default is "film", with the graphs' FiLM size and input names."""
+    if not has_film(method):
+        return Adaptation(modes=info["modes"])
+    film = {**info["modes"]["film"], "film_size": int(method.context.identity.numel()),
+            "context_input": INPUT_NAME, "film_input": FILM_NAME}
+    return Adaptation(default="film", modes={**info["modes"], "film": film})
 
 
 def _provenance(config: TrainConfig, payload: dict[str, Any], checkpoint: Path, parity: ParityReport,

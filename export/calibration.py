@@ -8,9 +8,12 @@ against B's prototypes (none of them its class) it gives an "unknown" nearest di
 From these: the softmax temperature minimising the queries' NLL, and the open-set thresholds on the
 nearest distance at the target false-reject rate, pooled and per shot count (fewer shots give noisier
 prototypes and larger distances, so one pooled threshold rejects too many 1-shot queries).
+A FiLM model embeds each episode pair under the context of its own support images (both episodes' shots).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -20,6 +23,10 @@ from fewshot_edge.runtime import Calibration, EmbeddingSpec, Engine, OpenSet
 from fewshot_edge.runtime.adapters import distances, logits_from_distances
 from fewshot_edge.runtime.bundle import OPEN_SET_BY_SHOTS
 from fewshot_edge.runtime.preprocess import normalize
+
+from .onnx import FiLMSessions
+
+EpisodeEmbedder = Callable[[np.ndarray, int], np.ndarray]  # ids (2n, shots + queries), shot count -> (2n, shots + queries, D)
 
 TEMPERATURE_BOUNDS = (1e-4, 1e6)
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
@@ -83,7 +90,7 @@ def _fit_threshold(known: np.ndarray, unknown: np.ndarray, target_false_reject: 
     return threshold, float(np.mean(unknown <= threshold)), float(np.mean(known > threshold))
 
 
-def calibrate(engine: Engine, data: FewShotDataset, embedding: EmbeddingSpec, episodes: int = 500, n_way: int = 5,
+def calibrate(engine: Engine | FiLMSessions, data: FewShotDataset, embedding: EmbeddingSpec, episodes: int = 500, n_way: int = 5,
               max_shot: int = 5, q_query: int = 5, target_false_reject: float = 0.05, seed: int = 0) -> Calibration:
     """Temperature and open-set thresholds fitted on ``episodes`` episode pairs from ``data`` (held-out classes)."""
     if episodes < 1:
@@ -91,12 +98,10 @@ def calibrate(engine: Engine, data: FewShotDataset, embedding: EmbeddingSpec, ep
     sampler = EpisodeSampler(data, 2 * n_way, max_shot, q_query, seed=seed)
     index = np.stack([sampler.sample().index.cpu().numpy() for _ in range(episodes)])  # (E, 2n, shots + queries)
     shots = np.random.default_rng(seed).permutation(np.arange(episodes) % max_shot + 1)
-    used, inverse = np.unique(index, return_inverse=True)
-    table = _embed_pixels(engine, data, used)
-    inverse = inverse.reshape(index.shape)
+    embed_episode = _film_episodes(engine, data) if isinstance(engine, FiLMSessions) else _plain_episodes(engine, data, index)
     logits, known, unknown = [], [], []
     for e, k in enumerate(shots):
-        emb = table[inverse[e]]
+        emb = embed_episode(index[e], int(k))
         protos = emb[:, :k].mean(axis=1)
         for own, other in ((slice(0, n_way), slice(n_way, None)), (slice(n_way, None), slice(0, n_way))):
             queries = emb[own, max_shot:].reshape(-1, emb.shape[-1])
@@ -114,7 +119,23 @@ def calibrate(engine: Engine, data: FewShotDataset, embedding: EmbeddingSpec, ep
     )
 
 
-def _embed_pixels(engine: Engine, data: FewShotDataset, ids: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """ONNX embeddings (len(ids), D) of data-set images, normalised a chunk at a time to bound memory."""
-    return np.concatenate([engine.embed(normalize(data.images[ids[i:i + chunk]], data.spec))
+def _plain_episodes(engine: Engine, data: FewShotDataset, index: np.ndarray) -> EpisodeEmbedder:
+    """Embeddings do not depend on the episode: every image in ``index`` is embedded once, episodes look them up."""
+    used = np.unique(index)
+    table = _embed_pixels(engine.embed, data, used)
+    return lambda ids, shots: table[np.searchsorted(used, ids)]
+
+
+def _film_episodes(sessions: FiLMSessions, data: FewShotDataset) -> EpisodeEmbedder:
+    """Each episode's images embedded under the FiLM its support images (the first ``shots`` per class) give."""
+    def embed(ids: np.ndarray, shots: int) -> np.ndarray:
+        film = sessions.context(normalize(data.images[ids[:, :shots].ravel()], data.spec))
+        return _embed_pixels(lambda x: sessions.embed(x, film), data, ids.ravel()).reshape(*ids.shape, -1)
+    return embed
+
+
+def _embed_pixels(embed: Callable[[np.ndarray], np.ndarray], data: FewShotDataset, ids: np.ndarray,
+                  chunk: int = 256) -> np.ndarray:
+    """Embeddings (len(ids), D) of data-set images, normalised a chunk at a time to bound memory."""
+    return np.concatenate([embed(normalize(data.images[ids[i:i + chunk]], data.spec))
                            for i in range(0, len(ids), chunk)])

@@ -1,5 +1,9 @@
 """Export a method's embedding encoder to ONNX: float32 ``images`` (N, C, H, W) in, ``embeddings`` (N, D) out.
 
+A FiLM method (one with a ``context``) exports two graphs: the context, ``images`` (S, C, H, W) ->
+``film`` (F,) (every block's gamma then beta, see ``split_film``), and the encoder, which takes that
+``film`` (F,) as a second input beside ``images``.
+
 The graph is traced with the TorchScript exporter (``dynamo=False``): it needs no onnxscript, keeps the
 batch dimension symbolic through ``dynamic_axes`` and, with the model in eval mode, folds every
 BatchNorm into the convolution before it, so the device runs plain Conv/Relu/MaxPool.
@@ -10,17 +14,27 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import onnx
+import onnxruntime
 import torch
 from torch import nn
 
 from fewshot_edge.methods import FewShotMethod
+from fewshot_edge.methods.film import split_film
 from fewshot_edge.runtime.preprocess import InputSpec
 
 OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
+FILM_NAME = "film"  # the context's output and the FiLM encoder's second input
+
+
+def has_film(method: FewShotMethod) -> bool:
+    """Whether the method conditions its encoder on a support-set context (FiLM)."""
+    return hasattr(method, "context")
 
 
 class _Embedder(nn.Module):
@@ -30,26 +44,75 @@ class _Embedder(nn.Module):
         super().__init__()
         self.method = method
 
+    def forward(self, images: torch.Tensor, film: torch.Tensor | None = None) -> torch.Tensor:
+        if film is None:
+            return self.method.embed(images)
+        return self.method.embed(images, film=split_film(film, self.method.context.block_channels))
+
+
+class _Context(nn.Module):
+    """The method's ``context.flat``: support images (S, C, H, W) -> flat FiLM (F,)."""
+
+    def __init__(self, method: FewShotMethod) -> None:
+        super().__init__()
+        self.context = method.context
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.method.embed(images)
+        return self.context.flat(images)
 
 
-def export_onnx(method: FewShotMethod, spec: InputSpec, path: str | Path, opset: int = OPSET) -> onnx.ModelProto:
+def export_onnx(method: FewShotMethod, spec: InputSpec, path: str | Path, opset: int = OPSET,
+                film: bool = False) -> onnx.ModelProto:
     """Write ``method``'s encoder (a CPU float32 copy in eval mode) to ``path``; returns the checked model.
 
+    With ``film`` (FiLM methods only) the encoder takes a second input, ``film`` (F,).
     Raises ValueError for an opset below 17; the written model passes ``onnx.checker`` (full check).
     """
+    copied = _eval_copy(method)
+    example = (_images(spec), *([copied.context.identity.clone()] if film else []))
+    return _export(_Embedder(copied), example, path, opset, [INPUT_NAME, FILM_NAME] if film else [INPUT_NAME], OUTPUT_NAME)
+
+
+def export_context_onnx(method: FewShotMethod, spec: InputSpec, path: str | Path, opset: int = OPSET) -> onnx.ModelProto:
+    """Write a FiLM method's context, ``images`` (S, C, H, W) -> ``film`` (F,), to ``path``; as ``export_onnx``."""
+    return _export(_Context(_eval_copy(method)), (_images(spec),), path, opset, [INPUT_NAME], FILM_NAME)
+
+
+def _eval_copy(method: FewShotMethod) -> FewShotMethod:
+    return copy.deepcopy(method).float().cpu().eval()
+
+
+def _images(spec: InputSpec) -> torch.Tensor:
+    return torch.zeros(2, spec.channels, spec.height, spec.width)
+
+
+def _export(module: nn.Module, example: tuple[torch.Tensor, ...], path: str | Path, opset: int,
+            input_names: Sequence[str], output_name: str) -> onnx.ModelProto:
+    """Trace ``module`` to ``path`` with a dynamic first axis on ``images`` (and on a batched output); check it."""
     if opset < OPSET:
         raise ValueError(f"opset must be at least {OPSET}, got {opset}")
-    encoder = _Embedder(copy.deepcopy(method).float().cpu().eval())
-    example = torch.zeros(2, spec.channels, spec.height, spec.width)
+    dynamic = {INPUT_NAME: {0: "batch"}, **({OUTPUT_NAME: {0: "batch"}} if output_name == OUTPUT_NAME else {})}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter announces its age
-        torch.onnx.export(
-            encoder, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
+        torch.onnx.export(module, example, str(path), dynamo=False, opset_version=opset,
+                          input_names=list(input_names), output_names=[output_name], dynamic_axes=dynamic)
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+class FiLMSessions:
+    """The two FiLM graphs under onnxruntime (CPU): ``context(images) -> film``, ``embed(images, film)``."""
+
+    def __init__(self, context_path: str | Path, encoder_path: str | Path) -> None:
+        providers = ["CPUExecutionProvider"]
+        self._context = onnxruntime.InferenceSession(str(context_path), providers=providers)
+        self._encoder = onnxruntime.InferenceSession(str(encoder_path), providers=providers)
+
+    def context(self, images: np.ndarray) -> np.ndarray:
+        """Flat FiLM (F,) for float32 support images (S, C, H, W)."""
+        return self._context.run([FILM_NAME], {INPUT_NAME: images})[0]
+
+    def embed(self, images: np.ndarray, film: np.ndarray) -> np.ndarray:
+        """Embeddings (N, D) of float32 images (N, C, H, W) under the flat FiLM ``film`` (F,)."""
+        return self._encoder.run([OUTPUT_NAME], {INPUT_NAME: images, FILM_NAME: film.astype(np.float32)})[0]

@@ -1,18 +1,29 @@
-"""Parity: the exported encoder, run by the runtime's engine, must give PyTorch's embeddings."""
+"""Parity: the exported encoder, run by the runtime's engine, must give PyTorch's embeddings.
+
+For a FiLM method (``FiLMSessions``) both graphs are checked on every batch: the context's FiLM
+vector, and the encoder's embeddings under the identity FiLM and under a random non-identity one.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from fewshot_edge.methods import FewShotMethod
+from fewshot_edge.methods.film import split_film
 from fewshot_edge.runtime import Engine
 from fewshot_edge.runtime.preprocess import InputSpec, normalize
 
+from .onnx import FiLMSessions
+
 BATCH_SIZES = (1, 2, 7, 32)
+RANDOM_FILM_STD = 0.1
+
+OnnxRun = Callable[[np.ndarray], np.ndarray]
+TorchRun = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -44,12 +55,13 @@ class ParityError(RuntimeError):
         self.report = report
 
 
-def check_parity(method: FewShotMethod, engine: Engine, spec: InputSpec, real_pixels: np.ndarray | None = None,
-                 tolerance: float = 1e-4, batch_sizes: Sequence[int] = BATCH_SIZES, seed: int = 0) -> ParityReport:
-    """Compare embeddings on random uint8 images of each batch size and on ``real_pixels`` (uint8 (N, C, H, W)).
+def check_parity(method: FewShotMethod, engine: Engine | FiLMSessions, spec: InputSpec,
+                 real_pixels: np.ndarray | None = None, tolerance: float = 1e-4,
+                 batch_sizes: Sequence[int] = BATCH_SIZES, seed: int = 0) -> ParityReport:
+    """Compare outputs on random uint8 images of each batch size and on ``real_pixels`` (uint8 (N, C, H, W)).
 
-    Both sides see the same ``normalize``d float32 batch: PyTorch through ``method.embed`` in eval mode,
-    ONNX through ``engine``, the runtime's onnxruntime session.
+    Both sides see the same ``normalize``d float32 batch: PyTorch in eval mode, ONNX through ``engine``
+    (the runtime's onnxruntime session, or a FiLM method's two sessions).
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be non-negative, got {tolerance}")
@@ -58,21 +70,39 @@ def check_parity(method: FewShotMethod, engine: Engine, spec: InputSpec, real_pi
     batches = {f"random batch of {n}": rng.integers(0, 256, size=(n, *shape), dtype=np.uint8) for n in batch_sizes}
     if real_pixels is not None and len(real_pixels):
         batches[f"{len(real_pixels)} real images"] = real_pixels
+    runs = _film_runs(method, engine, rng) if isinstance(engine, FiLMSessions) else {"": (engine.embed, method.embed)}
     report = ParityReport(tolerance)
     for name, pixels in batches.items():
         x = normalize(pixels, spec)
-        diff = np.abs(engine.embed(x).astype(np.float64) - _torch_embed(method, x))
-        report.checks[name] = float(diff.max())
+        for prefix, (onnx_run, torch_run) in runs.items():
+            diff = np.abs(onnx_run(x).astype(np.float64) - _torch_run(method, torch_run, x))
+            report.checks[prefix + name] = float(diff.max())
     return report
 
 
+def _film_runs(method: FewShotMethod, sessions: FiLMSessions,
+               rng: np.random.Generator) -> dict[str, tuple[OnnxRun, TorchRun]]:
+    """Check-name prefix -> (ONNX, PyTorch) for the context and the encoder under identity and random FiLM."""
+    identity = method.context.identity.detach().float().cpu().numpy()
+    random = (identity + rng.normal(0.0, RANDOM_FILM_STD, identity.shape)).astype(np.float32)
+
+    def under(film: np.ndarray) -> tuple[OnnxRun, TorchRun]:
+        def torch_run(images: torch.Tensor) -> torch.Tensor:
+            return method.embed(images, film=split_film(torch.from_numpy(film).to(images.device),
+                                                        method.context.block_channels))
+        return lambda x: sessions.embed(x, film), torch_run
+
+    return {"context on ": (sessions.context, method.context.flat),
+            "encoder under identity FiLM on ": under(identity), "encoder under random FiLM on ": under(random)}
+
+
 @torch.no_grad()
-def _torch_embed(method: FewShotMethod, batch: np.ndarray) -> np.ndarray:
-    """``method.embed`` in eval mode on a float32 batch, as float64 numpy; restores the train/eval mode."""
+def _torch_run(method: FewShotMethod, run: TorchRun, batch: np.ndarray) -> np.ndarray:
+    """``run`` (e.g. ``method.embed``) in eval mode on a float32 batch, as float64 numpy; restores the mode."""
     was_training = method.training
     method.eval()
     device = next(method.parameters()).device
     try:
-        return method.embed(torch.from_numpy(batch).to(device)).double().cpu().numpy()
+        return run(torch.from_numpy(batch).to(device)).double().cpu().numpy()
     finally:
         method.train(was_training)

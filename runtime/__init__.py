@@ -2,14 +2,14 @@
 
 from .adapters import ADAPTERS, Adapter, register
 from .bundle import Adaptation, Bundle, Calibration, EmbeddingSpec, Manifest, OpenSet, open_bundle, write_bundle
-from .engine import Engine
+from .engine import ContextEngine, Engine
 from .errors import FewShotInputError
 from .model import FewShotModel, Prediction
 from .preprocess import InputSpec, normalize, preprocess, to_pixels
 from .store import EnrollmentStore, validate_label
 
 __all__ = [
-    "ADAPTERS", "Adaptation", "Adapter", "Bundle", "Calibration", "EmbeddingSpec", "Engine",
+    "ADAPTERS", "Adaptation", "Adapter", "Bundle", "Calibration", "ContextEngine", "EmbeddingSpec", "Engine",
     "EnrollmentStore", "FewShotInputError", "FewShotModel", "InputSpec", "Manifest", "OpenSet",
     "Prediction", "normalize", "open_bundle", "preprocess", "register", "to_pixels", "validate_label",
     "write_bundle",

@@ -9,13 +9,15 @@ threshold for that many shots.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import numpy as np
 
 from .bundle import Bundle, EmbeddingSpec
-from .engine import Engine
+from .engine import ContextEngine, Engine
+from .preprocess import normalize
 from .store import Shots
 
 
@@ -111,3 +113,42 @@ class PrototypeAdapter(Adapter):
 
     def _update_prototypes(self) -> None:
         self.prototypes = (self._sums / np.maximum(self._counts, 1.0)[:, None]).astype(np.float32)
+
+
+@register
+class FilmAdapter(PrototypeAdapter):
+    """FiLM-conditioned prototypes: the bundle's context graph (role "context") turns ALL stored
+    shots' normalised pixels into one film vector (F,), the encoder's second input; the support is
+    re-embedded under it, classes are the means of those embeddings (as ``PrototypeAdapter``) and
+    queries are embedded under the same film.
+
+    Any enrollment change needs a refit (``add`` returns False), so the context runs once per
+    change, never per query. The embeddings the store keeps are ``embed`` at enrollment time (the
+    current film, or before the first fit the manifest's ``identity`` film, zeros without one):
+    this mode ignores them and re-embeds the pixels at every fit. An empty store leaves the film
+    at that initial vector and no classes.
+    """
+
+    name = "film"
+    needs_pixels = True
+
+    def __init__(self, bundle: Bundle, encoder: Engine) -> None:
+        super().__init__(bundle, encoder)
+        self.context = ContextEngine(bundle.file("context"), encoder.providers, encoder.threads, self.params.get("context_input"))
+        size = int(self.params.get("film_size") or encoder.film_size or 0)
+        self._initial = np.asarray(self.params.get("identity", np.zeros(size)), dtype=np.float32)
+        self.film = self._initial
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        return self.encoder.embed(batch, self.film)
+
+    def fit(self, shots: Shots) -> None:
+        self.film = self._initial
+        if len(shots.ids):
+            images = normalize(shots.pixels, self.bundle.manifest.input_spec)
+            self.film = self.context.run(images)
+            shots = dataclasses.replace(shots, embeddings=self.embed(images))
+        super().fit(shots)
+
+    def add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray) -> bool:
+        return False

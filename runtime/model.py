@@ -66,13 +66,15 @@ class FewShotModel:
             raise FewShotInputError(f"bundle does not support adaptation mode {mode!r} (it supports: {', '.join(adaptation.modes)})")
         if mode not in ADAPTERS:
             raise FewShotInputError(f"this runtime has no adaptation mode {mode!r} (it has: {', '.join(ADAPTERS)})")
-        engine = Engine(bundle.file("encoder"), providers=providers, threads=threads)
-        _check_encoder(engine, bundle)
+        film_input = str(adaptation.modes[mode].get("film_input", "film"))
+        engine = Engine(bundle.file("encoder"), providers=providers, threads=threads, film_input=film_input)
+        adapter = ADAPTERS[mode](bundle, engine)
+        _check_encoder(engine, adapter, bundle)
         enrollment = EnrollmentStore.open(store, bundle.model_id, reembed=reembed)
         try:
             if enrollment.needs_reembed:
-                _reembed(enrollment, engine, bundle)
-            return cls(bundle, engine, ADAPTERS[mode](bundle, engine), enrollment)
+                _reembed(enrollment, adapter, bundle)
+            return cls(bundle, engine, adapter, enrollment)
         except BaseException:
             enrollment.close()
             raise
@@ -102,8 +104,9 @@ class FewShotModel:
         return list(self.adapter.labels)
 
     def embed(self, images: Images) -> np.ndarray:
-        """Encoder embeddings (N, D), as the store keeps them."""
-        return self.engine.embed(preprocess(_as_list(images), self.spec))
+        """Embeddings (N, D) as the store keeps them: the adapter's ``embed`` (the encoder's, or for
+        FiLM the encoder's under the current film)."""
+        return self.adapter.embed(preprocess(_as_list(images), self.spec))
 
     def predict_proba(self, images: Images) -> np.ndarray:
         """Class probabilities (N, C), columns in ``labels`` order."""
@@ -140,7 +143,7 @@ class FewShotModel:
         if not images:
             raise FewShotInputError("no images given")
         pixels = np.stack([to_pixels(image, self.spec) for image in images])
-        embeddings = self.engine.embed(normalize(pixels, self.spec))
+        embeddings = self.adapter.embed(normalize(pixels, self.spec))
         version = write(label, embeddings, pixels, [source_hash(image) for image in images])
         in_step = self._fitted_version is not None and version == self._fitted_version + 1
         self._fitted_version = version if in_step and self.adapter.add(label, embeddings, pixels) else None
@@ -172,22 +175,23 @@ def _as_list(images: Images) -> list[ImageLike]:
     return list(images)
 
 
-def _check_encoder(engine: Engine, bundle: Bundle) -> None:
-    """The encoder's fixed input dims must match the input spec and it must give the manifest's embedding size."""
+def _check_encoder(engine: Engine, adapter: Adapter, bundle: Bundle) -> None:
+    """The encoder's fixed input dims must match the input spec and it must give the manifest's
+    embedding size (run through the adapter, which feeds a FiLM encoder its film vector)."""
     spec = bundle.manifest.input_spec
     expected = (spec.channels, spec.height, spec.width)
     declared = engine.input_shape[1:]
     if len(declared) != 3 or any(d is not None and d != e for d, e in zip(declared, expected)):
         raise FewShotInputError(f"encoder input shape {engine.input_shape} does not match the input spec {_fmt(expected)}")
-    out = engine.embed(np.zeros((1, *expected), dtype=np.float32))
+    out = adapter.embed(np.zeros((1, *expected), dtype=np.float32))
     if out.shape != (1, bundle.manifest.embedding.size):
         raise FewShotInputError(
             f"encoder output shape {out.shape[1:]} does not match the manifest's embedding size {bundle.manifest.embedding.size}"
         )
 
 
-def _reembed(store: EnrollmentStore, engine: Engine, bundle: Bundle) -> None:
-    """Re-embed every stored shot with this model's encoder and rebind the store to it."""
+def _reembed(store: EnrollmentStore, adapter: Adapter, bundle: Bundle) -> None:
+    """Re-embed every stored shot with this model (the adapter's ``embed``) and rebind the store to it."""
     spec = bundle.manifest.input_spec
     expected = (spec.channels, spec.height, spec.width)
     if store.pixel_shape not in (None, expected):
@@ -196,7 +200,7 @@ def _reembed(store: EnrollmentStore, engine: Engine, bundle: Bundle) -> None:
             " they cannot be re-embedded, enroll the classes again in a new store"
         )
     shots = store.shots(pixels=True)
-    embeddings = (engine.embed(normalize(shots.pixels, spec)) if len(shots.ids)
+    embeddings = (adapter.embed(normalize(shots.pixels, spec)) if len(shots.ids)
                   else np.zeros((0, bundle.manifest.embedding.size), dtype=np.float32))
     store.rebind(shots.ids, embeddings)
 

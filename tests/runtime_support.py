@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fewshot_edge.runtime import Calibration, EmbeddingSpec, InputSpec, OpenSet, write_bundle
+from fewshot_edge.runtime import Adaptation, Calibration, EmbeddingSpec, InputSpec, OpenSet, write_bundle
 from fewshot_edge.runtime.bundle import Bundle
 
 SPEC = InputSpec(channels=1, height=4, width=4)
@@ -22,14 +22,61 @@ def linear_encoder(weight: np.ndarray, input_shape: tuple = ("N", 1, 4, 4)) -> b
     """ONNX bytes of Flatten (N, C, H, W) -> MatMul ``weight`` (C*H*W, D)."""
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, list(input_shape))
     y = helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [input_shape[0], weight.shape[1]])
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["images"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["embeddings"])],
-        "linear_encoder", [x], [y], initializer=[numpy_helper.from_array(weight.astype(np.float32), "W")],
-    )
+    nodes = [helper.make_node("Flatten", ["images"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["embeddings"])]
+    return _model(nodes, "linear_encoder", [x], [y], {"W": weight.astype(np.float32)})
+
+
+def _model(nodes: list, name: str, inputs: list, outputs: list, initializers: dict[str, np.ndarray]) -> bytes:
+    graph = helper.make_graph(nodes, name, inputs, outputs,
+                              initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def film_encoder(weight: np.ndarray) -> bytes:
+    """ONNX bytes of a FiLM encoder: ``(flatten(images) @ weight) * film[:D] + film[D:]``, film (2D,)."""
+    d = weight.shape[1]
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 1, 4, 4])
+    f = helper.make_tensor_value_info("film", TensorProto.FLOAT, [2 * d])
+    y = helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["N", d])
+    nodes = [
+        helper.make_node("Flatten", ["images"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["z"]),
+        helper.make_node("Slice", ["film", "zero", "d"], ["gamma"]), helper.make_node("Slice", ["film", "d", "two_d"], ["beta"]),
+        helper.make_node("Mul", ["z", "gamma"], ["scaled"]), helper.make_node("Add", ["scaled", "beta"], ["embeddings"]),
+    ]
+    ints = {name: np.array([v], dtype=np.int64) for name, v in (("zero", 0), ("d", d), ("two_d", 2 * d))}
+    return _model(nodes, "film_encoder", [x, f], [y], {"W": weight.astype(np.float32), **ints})
+
+
+def context_graph(a: np.ndarray, b: np.ndarray) -> bytes:
+    """ONNX bytes of a context graph: m = mean over images of flatten(images); film = [1 + m @ a, m @ b]."""
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["S", 1, 4, 4])
+    y = helper.make_tensor_value_info("film", TensorProto.FLOAT, [a.shape[1] + b.shape[1]])
+    nodes = [
+        helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+        helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[0], keepdims=0),
+        helper.make_node("MatMul", ["mean", "A"], ["ma"]), helper.make_node("Add", ["ma", "one"], ["gamma"]),
+        helper.make_node("MatMul", ["mean", "B"], ["beta"]), helper.make_node("Concat", ["gamma", "beta"], ["film"], axis=0),
+    ]
+    return _model(nodes, "context", [x], [y], {"A": a.astype(np.float32), "B": b.astype(np.float32), "one": np.array(1.0, np.float32)})
+
+
+def make_film_bundle(path: Path, w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float = 1.0, temperature: float = 1.0) -> Bundle:
+    """A bundle with ``film_encoder(w)``, ``context_graph(a, b)`` and the "film" mode as default."""
+    modes = {"film": {"film_size": 2 * w.shape[1], "context_input": "images", "film_input": "film"}, "prototype": {}}
+    return write_bundle(
+        path, {"encoder.onnx": film_encoder(w), "context.onnx": context_graph(a, b)},
+        input_spec=SPEC, embedding=EmbeddingSpec(w.shape[1], "sqeuclidean", scale),
+        adaptation=Adaptation("film", modes), calibration=Calibration(temperature, OpenSet()), provenance={"method": "test"},
+    )
+
+
+def film_by_hand(imgs: list[np.ndarray], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """What ``context_graph(a, b)`` gives for uint8 (H, W) images under SPEC."""
+    mean = (np.stack(imgs).astype(np.float64) / 255.0).reshape(len(imgs), -1).mean(0)
+    return np.concatenate([1.0 + mean @ a, mean @ b])
 
 
 def weight(seed: int = 0, spec: InputSpec = SPEC, dim: int = DIM) -> np.ndarray:

@@ -227,11 +227,11 @@ def test_model_update_with_another_input_size_is_refused(tmp_path, model):
 
 def test_adaptation_mode_must_be_in_bundle_and_runtime(tmp_path, w):
     write_bundle(tmp_path / "b", {"encoder.onnx": linear_encoder(w)}, input_spec=SPEC, embedding=EmbeddingSpec(DIM),
-                 adaptation=Adaptation("prototype", {"prototype": {}, "film": {"layers": 4}}))
+                 adaptation=Adaptation("prototype", {"prototype": {}, "lora": {"rank": 4}}))
     with pytest.raises(FewShotInputError, match="bundle does not support adaptation mode 'finetune'"):
         FewShotModel.open(tmp_path / "b", adapt="finetune")
-    with pytest.raises(FewShotInputError, match="this runtime has no adaptation mode 'film'"):
-        FewShotModel.open(tmp_path / "b", adapt="film")
+    with pytest.raises(FewShotInputError, match="this runtime has no adaptation mode 'lora'"):
+        FewShotModel.open(tmp_path / "b", adapt="lora")
 
 
 def test_encoder_must_match_manifest_shapes(tmp_path, w):

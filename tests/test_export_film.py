@@ -1,0 +1,109 @@
+"""FiLM export: a context graph and a two-input encoder graph, both checked and matching PyTorch; identity
+FiLM reproduces the plain encoder; and a FiLM bundle with both files, their roles and the film mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from fewshot_edge.checkpoint import build_method
+from fewshot_edge.config import TrainConfig
+from fewshot_edge.export import FiLMSessions, check_parity, export_bundle, export_context_onnx, export_onnx
+from fewshot_edge.methods import FiLMProtoNet
+from fewshot_edge.runtime import Engine, InputSpec, open_bundle
+from fewshot_edge.runtime.preprocess import normalize
+from fewshot_edge.train import train
+
+SPEC = InputSpec(1, 28, 28, mean=(0.5,), std=(0.25,))
+
+
+@pytest.fixture(scope="module")
+def method() -> FiLMProtoNet:
+    """Conv-4 FiLM with random BatchNorm statistics and generators nudged off identity."""
+    torch.manual_seed(0)
+    method = build_method(TrainConfig(method="film", method_options={"task_dim": 32}), SPEC)
+    with torch.no_grad():
+        for module in method.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+        for generator in method.context.generators:
+            generator[-1].weight.normal_(0, 0.1)
+            generator[-1].bias.normal_(0, 0.1)
+    return method.eval()
+
+
+@pytest.fixture(scope="module")
+def graphs(method, tmp_path_factory):
+    out = tmp_path_factory.mktemp("film")
+    paths = {"context": out / "context.onnx", "encoder": out / "encoder.onnx", "plain": out / "plain.onnx"}
+    export_context_onnx(method, SPEC, paths["context"])
+    export_onnx(method, SPEC, paths["encoder"], film=True)
+    export_onnx(method, SPEC, paths["plain"])
+    return paths
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(n, 1, 28, 28), dtype=np.uint8)
+    return normalize(pixels, SPEC)
+
+
+def test_graphs_are_checked_with_the_film_interface(method, graphs):
+    film_size = method.context.identity.numel()
+    for role, inputs, output in (("context", ["images"], "film"), ("encoder", ["images", "film"], "embeddings")):
+        model = onnx.load(str(graphs[role]))
+        onnx.checker.check_model(model, full_check=True)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        assert [i.name for i in model.graph.input] == inputs and [o.name for o in model.graph.output] == [output]
+        assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # any number of images
+    sessions = FiLMSessions(graphs["context"], graphs["encoder"])
+    for n in (1, 9):
+        film = sessions.context(images(n))
+        assert film.shape == (film_size,) and film.dtype == np.float32
+        assert sessions.embed(images(n), film).shape == (n, 64)
+
+
+def test_both_graphs_match_pytorch_under_identity_and_random_film(method, graphs):
+    report = check_parity(method, FiLMSessions(graphs["context"], graphs["encoder"]), SPEC,
+                          real_pixels=np.random.default_rng(1).integers(0, 256, (20, 1, 28, 28), dtype=np.uint8),
+                          batch_sizes=(1, 7), tolerance=1e-4)
+    assert report.passed and report.max_abs_diff <= 1e-4
+    prefixes = ("context on ", "encoder under identity FiLM on ", "encoder under random FiLM on ")
+    assert set(report.checks) == {p + b for p in prefixes for b in ("random batch of 1", "random batch of 7", "20 real images")}
+    identity = method.context.identity.numpy()
+    assert not np.allclose(FiLMSessions(graphs["context"], graphs["encoder"]).context(images(5)), identity, atol=1e-2)
+
+
+def test_identity_film_encoder_reproduces_the_plain_encoder(method, graphs):
+    x = images(7)
+    film = FiLMSessions(graphs["context"], graphs["encoder"]).embed(x, method.context.identity.numpy())
+    np.testing.assert_allclose(film, Engine(graphs["plain"]).embed(x), rtol=0, atol=1e-5)
+
+
+def test_context_graph_is_invariant_to_support_order(graphs):
+    sessions = FiLMSessions(graphs["context"], graphs["encoder"])
+    x = images(12)
+    np.testing.assert_allclose(sessions.context(x[np.random.default_rng(2).permutation(12)]), sessions.context(x),
+                               rtol=0, atol=1e-5)
+
+
+def test_film_bundle_has_both_graphs_roles_and_the_film_mode(omniglot_small1, tmp_path):
+    config = TrainConfig(sources=[str(omniglot_small1)], data_options={"rotations": True}, holdout=1, method="film",
+                         method_options={"task_dim": 32}, n_way=5, k_shot=1, q_query=2, episodes=3, val_every=3,
+                         val_episodes=3, seed=0, device="cpu", out=str(tmp_path / "run"))
+    train(config, progress_bar=False)
+    export_bundle(tmp_path / "run" / "best.pt", tmp_path / "bundle", calibration_episodes=20)
+    bundle = open_bundle(tmp_path / "bundle")
+    manifest = bundle.manifest
+    assert {name: entry.role for name, entry in manifest.files.items()} == {"context.onnx": "context", "encoder.onnx": "encoder"}
+    assert bundle.file("context").is_file() and bundle.file("encoder").is_file()
+    assert manifest.adaptation.default == "film"
+    film = manifest.adaptation.modes["film"]
+    assert film["film_size"] == 2 * sum(film["blocks"]) == 2 * 4 * 64 and film["task_dim"] == 32
+    assert (film["context_input"], film["film_input"]) == ("images", "film")
+    assert manifest.calibration.temperature > 0 and manifest.calibration.open_set.thresholds_by_shots
+    assert manifest.provenance["method"] == "film" and manifest.provenance["parity"]["passed"]
+    encoder = onnx.load(str(bundle.file("encoder")))
+    assert [i.name for i in encoder.graph.input] == ["images", "film"]
