@@ -7,8 +7,9 @@ from .bundle import export_bundle
 from .calibration import calibrate, fit_open_set, fit_temperature, nll
 from .onnx import FiLMSessions, export_context_onnx, export_onnx
 from .parity import ParityError, ParityReport, check_parity
+from .variants import VariantRefused, build_variants
 
 __all__ = [
     "FiLMSessions", "ParityError", "ParityReport", "calibrate", "check_parity", "export_bundle", "export_context_onnx",
-    "export_onnx", "fit_open_set", "fit_temperature", "nll",
+    "export_onnx", "fit_open_set", "fit_temperature", "nll", "VariantRefused", "build_variants",
 ]

@@ -2,14 +2,16 @@
 
 A FiLM method's bundle holds two graphs: ``context.onnx`` (role "context", support images -> FiLM)
 and ``encoder.onnx`` (role "encoder", images and FiLM -> embeddings); its default adaptation is "film".
+``precisions`` ("fp16", "int8") add precision variants of the encoder, measured against fp32 (see ``variants``).
 """
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -26,6 +28,7 @@ from fewshot_edge.train import load_splits
 from .calibration import calibrate
 from .onnx import FILM_NAME, INPUT_NAME, FiLMSessions, export_context_onnx, export_onnx, has_film
 from .parity import ParityError, ParityReport, check_parity
+from .variants import VARIANTS, build_variants
 
 ENCODER_FILE = "encoder.onnx"
 CONTEXT_FILE = "context.onnx"
@@ -34,19 +37,25 @@ PARITY_IMAGES = 64
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False,
                   calibration_episodes: int = 500, target_false_reject: float = 0.05, tolerance: float = 1e-4,
-                  seed: int = 0) -> Bundle:
+                  seed: int = 0, precisions: Sequence[str] = (), variant_episodes: int = 1000,
+                  force_variants: bool = False) -> Bundle:
     """Export a checkpoint as a bundle in ``out_dir`` and return it, opened.
 
     The encoder is checked against PyTorch on random and held-out validation images (ParityError past
     ``tolerance``), calibrated on ``calibration_episodes`` validation episode pairs, then written with
     ``write_bundle`` (a temporary folder renamed into place): any failure leaves no bundle behind.
-    An existing ``out_dir`` is refused unless ``overwrite``.
+    An existing ``out_dir`` is refused unless ``overwrite``. Each of ``precisions`` adds a variant
+    measured on ``variant_episodes`` validation episodes; one past its limits raises VariantRefused
+    (nothing written) unless ``force_variants``.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FewShotInputError(f"bundle folder already exists: {out} (overwrite to replace it)")
+    unknown = [p for p in precisions if p not in VARIANTS]
+    if unknown:
+        raise FewShotInputError(f"precision variants must be among {', '.join(VARIANTS)}, got {', '.join(unknown)}")
     method, config, spec, payload = load_checkpoint(checkpoint)
-    validation = load_splits(config)[1]
+    train_data, validation = load_splits(config)
     info = method.export_info()
     embedding = EmbeddingSpec(size=method.backbone.out_dim, metric=info["metric"], scale=info["scale"])
     film = has_film(method)
@@ -63,20 +72,30 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, overwrite: boo
         parity = check_parity(method, engine, spec, validation.images[np.sort(real)], tolerance=tolerance, seed=seed)
         if not parity.passed:
             raise ParityError(parity)
-        calibration = calibrate(engine, validation, embedding, episodes=calibration_episodes,
-                                target_false_reject=target_false_reject, seed=seed)
+        adaptation = _adaptation(method, info)
+        calibration, head_temperature = calibrate(engine, validation, embedding, episodes=calibration_episodes,
+                                                  target_false_reject=target_false_reject, seed=seed,
+                                                  finetune=adaptation.modes.get("finetune"))
+        if head_temperature is not None:
+            adaptation = replace(adaptation, modes={**adaptation.modes,
+                                                    "finetune": {**adaptation.modes["finetune"], "temperature": head_temperature}})
+        variants = (build_variants(engine, files, precisions, train_data, validation, embedding, episodes=variant_episodes,
+                                   seed=seed, force=force_variants) if precisions else {})
         return write_bundle(out, files, input_spec=spec, embedding=embedding,
-                            adaptation=_adaptation(method, info), calibration=calibration,
-                            provenance=_provenance(config, payload, Path(checkpoint), parity, opset), overwrite=overwrite)
+                            adaptation=adaptation, calibration=calibration,
+                            provenance=_provenance(config, payload, Path(checkpoint), parity, opset), overwrite=overwrite,
+                            variants=variants)
 
 
 def _adaptation(method: FewShotMethod, info: dict[str, Any]) -> Adaptation:
-    """The method's modes; a FiLM method's default is "film", with the graphs' FiLM size and input names."""
+    """The method's modes and default (its first mode). A FiLM method's film mode also records the
+    graphs' FiLM size, input names and identity FiLM; its prototype mode runs the encoder under that
+    identity (the unconditioned backbone, no context)."""
     if not has_film(method):
-        return Adaptation(modes=info["modes"])
+        return Adaptation(default=next(iter(info["modes"])), modes=info["modes"])
     film = {**info["modes"]["film"], "film_size": int(method.context.identity.numel()),
-            "context_input": INPUT_NAME, "film_input": FILM_NAME}
-    return Adaptation(default="film", modes={**info["modes"], "film": film})
+            "context_input": INPUT_NAME, "film_input": FILM_NAME, "identity": method.context.identity.tolist()}
+    return Adaptation(default="film", modes={**info["modes"], "film": film, "prototype": {}})
 
 
 def _provenance(config: TrainConfig, payload: dict[str, Any], checkpoint: Path, parity: ParityReport,

@@ -8,12 +8,14 @@ against B's prototypes (none of them its class) it gives an "unknown" nearest di
 From these: the softmax temperature minimising the queries' NLL, and the open-set thresholds on the
 nearest distance at the target false-reject rate, pooled and per shot count (fewer shots give noisier
 prototypes and larger distances, so one pooled threshold rejects too many 1-shot queries).
-A FiLM model embeds each episode pair under the context of its own support images (both episodes' shots).
+A FiLM model embeds each episode pair under the context of its own support images (both episodes'
+shots, as a device's context covers every enrolled class). With a fine-tune schedule, a second
+temperature is fitted on the logits of the head the runtime fine-tunes on each episode's shots.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.runtime import Calibration, EmbeddingSpec, Engine, OpenSet
 from fewshot_edge.runtime.adapters import distances, logits_from_distances
 from fewshot_edge.runtime.bundle import OPEN_SET_BY_SHOTS
+from fewshot_edge.runtime.finetune import finetune_head, schedule
 from fewshot_edge.runtime.preprocess import normalize
 
 from .onnx import FiLMSessions
@@ -91,15 +94,18 @@ def _fit_threshold(known: np.ndarray, unknown: np.ndarray, target_false_reject: 
 
 
 def calibrate(engine: Engine | FiLMSessions, data: FewShotDataset, embedding: EmbeddingSpec, episodes: int = 500, n_way: int = 5,
-              max_shot: int = 5, q_query: int = 5, target_false_reject: float = 0.05, seed: int = 0) -> Calibration:
-    """Temperature and open-set thresholds fitted on ``episodes`` episode pairs from ``data`` (held-out classes)."""
+              max_shot: int = 5, q_query: int = 5, target_false_reject: float = 0.05, seed: int = 0,
+              finetune: Mapping[str, Any] | None = None) -> tuple[Calibration, float | None]:
+    """Temperature and open-set thresholds fitted on ``episodes`` episode pairs from ``data`` (held-out
+    classes), and the fine-tuned head's temperature when ``finetune`` (that mode's manifest parameters) is given."""
     if episodes < 1:
         raise ValueError(f"calibration needs at least 1 episode, got {episodes}")
     sampler = EpisodeSampler(data, 2 * n_way, max_shot, q_query, seed=seed)
     index = np.stack([sampler.sample().index.cpu().numpy() for _ in range(episodes)])  # (E, 2n, shots + queries)
     shots = np.random.default_rng(seed).permutation(np.arange(episodes) % max_shot + 1)
     embed_episode = _film_episodes(engine, data) if isinstance(engine, FiLMSessions) else _plain_episodes(engine, data, index)
-    logits, known, unknown = [], [], []
+    steps = schedule(finetune["lr_weight"], finetune["lr_bias"]) if finetune is not None else None
+    logits, head_logits, known, unknown = [], [], [], []
     for e, k in enumerate(shots):
         emb = embed_episode(index[e], int(k))
         protos = emb[:, :k].mean(axis=1)
@@ -107,16 +113,21 @@ def calibrate(engine: Engine | FiLMSessions, data: FewShotDataset, embedding: Em
             queries = emb[own, max_shot:].reshape(-1, emb.shape[-1])
             d = distances(queries, protos[own], embedding.metric)
             logits.append(logits_from_distances(d, embedding))
+            if steps is not None:
+                support, targets = emb[own, :k].reshape(-1, emb.shape[-1]), np.repeat(np.arange(n_way), k)
+                w, b = finetune_head(support, targets, protos[own], *steps, float(finetune.get("l2", 0.0)))
+                head_logits.append(queries @ w.T + b)
             known.append(d.min(axis=1))
             unknown.append(distances(queries, protos[other], embedding.metric).min(axis=1))
     labels = np.tile(np.repeat(np.arange(n_way), q_query), 2 * episodes)
     query_shots = np.repeat(shots, 2 * n_way * q_query)
     fitted_on = (f"{episodes} pairs of disjoint {n_way}-way 1..{max_shot}-shot episodes ({q_query} queries per class)"
                  f" on {data.num_classes} held-out classes")
-    return Calibration(
+    calibration = Calibration(
         temperature=fit_temperature(np.concatenate(logits), labels),
         open_set=fit_open_set(np.concatenate(known), np.concatenate(unknown), target_false_reject, fitted_on, query_shots),
     )
+    return calibration, fit_temperature(np.concatenate(head_logits), labels) if head_logits else None
 
 
 def _plain_episodes(engine: Engine, data: FewShotDataset, index: np.ndarray) -> EpisodeEmbedder:

@@ -10,38 +10,63 @@ threshold for that many shots.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
 from .bundle import Bundle, EmbeddingSpec
 from .engine import ContextEngine, Engine
+from .errors import FewShotInputError
+from .finetune import finetune_head, schedule
 from .preprocess import normalize
 from .store import Shots
 
 
 class Adapter(ABC):
     """One adaptation mode. Subclasses set ``name``; ``needs_pixels`` when ``fit`` reads the stored
-    preprocessed inputs (a mode that conditions the encoder on the shots, like FiLM, does)."""
+    preprocessed inputs (a mode that conditions the encoder on the shots, like FiLM, does);
+    ``options`` the parameters a user may override at open; ``persistent`` when what ``fit``
+    computes is worth keeping in the store (``state``), so a restart need not compute it again."""
 
     name: ClassVar[str]
     needs_pixels: ClassVar[bool] = False
+    options: ClassVar[tuple[str, ...]] = ()
+    persistent: ClassVar[bool] = False
 
-    def __init__(self, bundle: Bundle, encoder: Engine) -> None:
+    def __init__(self, bundle: Bundle, encoder: Engine, overrides: Optional[Mapping[str, Any]] = None) -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.embedding: EmbeddingSpec = bundle.manifest.embedding
-        self.params = dict(bundle.manifest.adaptation.modes[self.name])
+        unknown = sorted(set(overrides or {}) - set(self.options))
+        if unknown:
+            allowed = f"it takes: {', '.join(self.options)}" if self.options else "it takes none"
+            raise FewShotInputError(f"adaptation mode {self.name!r} has no option {unknown[0]!r} ({allowed})")
+        self.params = {**bundle.manifest.adaptation.modes[self.name], **(overrides or {})}
         self.labels: list[str] = []
+        self.identity = _identity_film(bundle, encoder)
+
+    @property
+    def state_key(self) -> str:
+        """Names what ``state`` depends on besides the enrolled set: the mode and its parameters."""
+        params = json.dumps(self.params, sort_keys=True, default=str)
+        return f"{self.name}:{hashlib.sha256(params.encode()).hexdigest()[:16]}"
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What ``fit`` computed that ``fit(shots, state)`` can take back instead of computing it."""
+        return {}
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        """Query embeddings for a normalised batch (N, C, H, W); modes that condition the encoder override it."""
-        return self.encoder.embed(batch)
+        """Query embeddings for a normalised batch (N, C, H, W); a FiLM encoder runs under the identity
+        FiLM (the unconditioned backbone); modes that condition it override this."""
+        return self.encoder.embed(batch, self.identity)
 
     @abstractmethod
-    def fit(self, shots: Shots) -> None:
-        """Fit from every stored shot (possibly none); sets ``labels``, the order of the logits' columns."""
+    def fit(self, shots: Shots, state: Optional[Mapping[str, np.ndarray]] = None) -> None:
+        """Fit from every stored shot (possibly none); sets ``labels``, the order of the logits' columns.
+        A persistent mode given the ``state`` it saved for these very shots uses it instead of refitting."""
 
     def add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray) -> bool:
         """Take newly enrolled shots in without a full refit; return False when the mode needs one."""
@@ -54,6 +79,17 @@ class Adapter(ABC):
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def _identity_film(bundle: Bundle, encoder: Engine) -> Optional[np.ndarray]:
+    """The film vector (F,) that leaves a FiLM encoder unconditioned (the film mode's ``identity``), or
+    None for a plain encoder."""
+    if not encoder.takes_film:
+        return None
+    identity = bundle.manifest.adaptation.modes.get("film", {}).get("identity")
+    if identity is None:
+        raise FewShotInputError("the encoder takes a FiLM input but the bundle's film mode records no identity FiLM")
+    return np.asarray(identity, dtype=np.float32)
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:
@@ -86,7 +122,7 @@ class PrototypeAdapter(Adapter):
 
     name = "prototype"
 
-    def fit(self, shots: Shots) -> None:
+    def fit(self, shots: Shots, state: Optional[Mapping[str, np.ndarray]] = None) -> None:
         n_classes = len(shots.labels)
         self._sums = np.zeros((n_classes, self.embedding.size), dtype=np.float64)
         np.add.at(self._sums, shots.targets, shots.embeddings.reshape(-1, self.embedding.size))
@@ -124,26 +160,23 @@ class FilmAdapter(PrototypeAdapter):
 
     Any enrollment change needs a refit (``add`` returns False), so the context runs once per
     change, never per query. The embeddings the store keeps are ``embed`` at enrollment time (the
-    current film, or before the first fit the manifest's ``identity`` film, zeros without one):
-    this mode ignores them and re-embeds the pixels at every fit. An empty store leaves the film
-    at that initial vector and no classes.
+    current film, or before the first fit the identity film): this mode ignores them and re-embeds
+    the pixels at every fit. An empty store leaves the identity film and no classes.
     """
 
     name = "film"
     needs_pixels = True
 
-    def __init__(self, bundle: Bundle, encoder: Engine) -> None:
-        super().__init__(bundle, encoder)
+    def __init__(self, bundle: Bundle, encoder: Engine, overrides: Optional[Mapping[str, Any]] = None) -> None:
+        super().__init__(bundle, encoder, overrides)
         self.context = ContextEngine(bundle.file("context"), encoder.providers, encoder.threads, self.params.get("context_input"))
-        size = int(self.params.get("film_size") or encoder.film_size or 0)
-        self._initial = np.asarray(self.params.get("identity", np.zeros(size)), dtype=np.float32)
-        self.film = self._initial
+        self.film = self.identity
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         return self.encoder.embed(batch, self.film)
 
-    def fit(self, shots: Shots) -> None:
-        self.film = self._initial
+    def fit(self, shots: Shots, state: Optional[Mapping[str, np.ndarray]] = None) -> None:
+        self.film = self.identity
         if len(shots.ids):
             images = normalize(shots.pixels, self.bundle.manifest.input_spec)
             self.film = self.context.run(images)
@@ -152,3 +185,47 @@ class FilmAdapter(PrototypeAdapter):
 
     def add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray) -> bool:
         return False
+
+
+@register
+class FinetuneAdapter(PrototypeAdapter):
+    """A linear head fine-tuned on the stored shot embeddings (``finetune.finetune_head``): started from
+    the prototypes and stepped with the schedule learned in meta-training (manifest parameters
+    ``steps``, ``lr_weight``, ``lr_bias``, ``l2``). Option ``steps`` runs more (or fewer) steps than
+    trained, repeating the last step size. The open-set test still uses the prototype distances.
+
+    Any enrollment change refits (``add`` returns False); the head is the state the store keeps.
+    """
+
+    name = "finetune"
+    options = ("steps",)
+    persistent = True
+
+    def __init__(self, bundle: Bundle, encoder: Engine, overrides: Optional[Mapping[str, Any]] = None) -> None:
+        super().__init__(bundle, encoder, overrides)
+        steps = self.params.get("steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise FewShotInputError(f"fine-tune steps must be a whole number, 0 or more, got {steps!r}")
+        try:
+            self.lr_weight, self.lr_bias = schedule(self.params["lr_weight"], self.params["lr_bias"], steps)
+        except (KeyError, ValueError) as exc:
+            raise FewShotInputError(f"bundle's fine-tune parameters are unusable: {exc}") from None
+        self.l2 = float(self.params.get("l2", 0.0))
+
+    def fit(self, shots: Shots, state: Optional[Mapping[str, np.ndarray]] = None) -> None:
+        super().fit(shots)
+        if state is not None:
+            self.weight, self.bias = state["weight"], state["bias"]
+        else:
+            x = shots.embeddings.reshape(-1, self.embedding.size)
+            self.weight, self.bias = finetune_head(x, shots.targets, self.prototypes, self.lr_weight, self.lr_bias, self.l2)
+
+    def add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray) -> bool:
+        return False
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"weight": self.weight, "bias": self.bias}
+
+    def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        _, nearest, shots = super().score(queries)
+        return queries.astype(np.float64) @ self.weight.T + self.bias, nearest, shots

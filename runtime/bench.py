@@ -61,21 +61,29 @@ def source_images(spec: InputSpec, n: int, seed: int = 0, size: int = SOURCE_SIZ
     return list(np.where(rng.random(shape) < 0.1, 0, 255).astype(np.uint8))
 
 
+def enroll_random(model: FewShotModel, classes: int, shots: int) -> None:
+    """Enroll ``classes`` classes of ``shots`` random-stroke images each (seeds 1..classes)."""
+    for c in range(classes):
+        model.enroll(f"class-{c}", source_images(model.spec, shots, seed=c + 1))
+
+
 def run_benchmark(
     bundle: Union[str, Path], threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
     runs: int = 1000, batch: int = 256, seconds: float = 2.0, enroll_runs: int = 100, child_runs: int = 300,
+    precision: str = "fp32", backend: str = "auto", engines: Optional[str] = None,
 ) -> dict[str, Any]:
     """Measure the bundle (see the module docstring) and return the figures as a JSON-ready dict.
 
     ``runs`` one-image predictions, throughput loops of ``batch`` images for ``seconds`` each,
-    ``enroll_runs`` enrollments, and ``child_runs`` predictions in the fresh process.
+    ``enroll_runs`` enrollments, and ``child_runs`` predictions in the fresh process; the encoder of
+    ``precision`` on ``backend`` (or exactly ``providers``; TensorRT engines cached in ``engines``).
     """
+    opened = {"threads": threads, "providers": providers, "precision": precision, "backend": backend, "engines": engines}
     with tempfile.TemporaryDirectory(prefix="fewshot-edge-bench-") as tmp:
         store = Path(tmp) / "bench.db"
-        with FewShotModel.open(bundle, store=store, threads=threads, providers=providers) as model:
+        with FewShotModel.open(bundle, store=store, **opened) as model:
             spec = model.spec
-            for c in range(WAYS):
-                model.enroll(f"class-{c}", source_images(spec, SHOTS, seed=c + 1))
+            enroll_random(model, WAYS, SHOTS)
             images = source_images(spec, batch, seed=WAYS + 1)
             one = images[:1]
             encoder_one = preprocess(one, spec)
@@ -87,15 +95,16 @@ def run_benchmark(
                 "source_image": f"{SOURCE_SIZE}x{SOURCE_SIZE} uint8",
                 "machine": machine(),
                 "threads": threads,
+                "precision": precision,
                 "providers": model.engine.providers,
                 "predict": time_calls(lambda: model.predict(one), runs),
                 "encoder": time_calls(lambda: model.engine.embed(encoder_one), runs),
                 "batch": batch,
                 "encoder_images_per_s": rate(lambda: model.engine.embed(encoder_batch), batch, seconds),
                 "end_to_end_images_per_s": rate(lambda: model.embed(images), batch, seconds),
-                "enroll": _enroll_latency(bundle, Path(tmp) / "enroll.db", threads, providers, enroll_runs),
+                "enroll": _enroll_latency(bundle, Path(tmp) / "enroll.db", opened, enroll_runs),
             }
-        report.update(_fresh_process(bundle, store, threads, providers, child_runs))
+        report.update(_fresh_process(bundle, store, opened, child_runs))
     return report
 
 
@@ -115,20 +124,18 @@ def machine() -> dict[str, Any]:
             "onnxruntime": ort.__version__}
 
 
-def _enroll_latency(bundle: Union[str, Path], store: Path, threads: Optional[int], providers: Optional[Sequence[str]],
-                    runs: int) -> dict[str, float]:
+def _enroll_latency(bundle: Union[str, Path], store: Path, opened: dict[str, Any], runs: int) -> dict[str, float]:
     """Latency of enrolling one class of ``SHOTS`` decoded images into a fresh SQLite store."""
-    with FewShotModel.open(bundle, store=store, threads=threads, providers=providers) as model:
+    with FewShotModel.open(bundle, store=store, **opened) as model:
         shots = source_images(model.spec, SHOTS, seed=WAYS + 2)
         labels = itertools.count()
         return time_calls(lambda: model.enroll(f"class-{next(labels)}", shots), runs)
 
 
-def _fresh_process(bundle: Union[str, Path], store: Path, threads: Optional[int], providers: Optional[Sequence[str]],
-                   runs: int) -> dict[str, Any]:
+def _fresh_process(bundle: Union[str, Path], store: Path, opened: dict[str, Any], runs: int) -> dict[str, Any]:
     """Cold start (process start to the first prediction) and peak RSS of a new interpreter that
     opens the bundle and store and then predicts one image ``runs`` times."""
-    config = json.dumps({"bundle": str(bundle), "store": str(store), "threads": threads, "providers": providers, "runs": runs})
+    config = json.dumps({"bundle": str(bundle), "store": str(store), "opened": opened, "runs": runs})
     with tempfile.TemporaryFile(mode="w+") as err:  # a file, not a pipe: the child can never block on it
         start = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-c", "import sys; from fewshot_edge.runtime.bench import _child; _child(sys.argv[1])", config],
@@ -160,7 +167,7 @@ def peak_rss_mb() -> float:
 def _child(config_json: str) -> None:
     """The fresh process of ``_fresh_process``: open, predict once, say "ready", predict, report RSS."""
     config = json.loads(config_json)
-    with FewShotModel.open(config["bundle"], store=config["store"], threads=config["threads"], providers=config["providers"]) as model:
+    with FewShotModel.open(config["bundle"], store=config["store"], **config["opened"]) as model:
         one = source_images(model.spec, 1, seed=WAYS + 1)
         model.predict(one)
         print("ready", flush=True)

@@ -6,6 +6,10 @@ bundle whose format, version, hashes or model id do not check out, with a one-li
 ``model_id`` is the sha256 of the UTF-8 text made of one ``"<name>:<sha256>\\n"`` line per listed
 file, sorted by name. A file's role defaults to its name without suffix (``encoder.onnx`` ->
 ``encoder``); the runtime embeds with the file whose role is ``encoder``.
+
+Precision variants of the encoder (``encoder.fp16.onnx``, ``encoder.int8.onnx``) are extra files with
+roles ``encoder.fp16`` and ``encoder.int8``; the optional ``variants`` mapping records, per precision,
+the file's role and what export measured (accuracy on validation episodes, its delta vs fp32, parity).
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ METRICS = ("sqeuclidean", "cosine")
 OPEN_SET_STATISTICS = ("nearest_distance",)
 OPEN_SET_BY_SHOTS = ("thresholds_by_shots", "false_accept_by_shots", "false_reject_by_shots")  # OpenSet's per-shot-count fields
 
+PRECISIONS = ("fp32", "fp16", "int8")
+
 FileSource = Union[str, Path, bytes]
+
+
+def encoder_role(precision: str) -> str:
+    """The role of the encoder file of a precision: "encoder" for fp32, else "encoder.<precision>"."""
+    if precision not in PRECISIONS:
+        raise FewShotInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return "encoder" if precision == "fp32" else f"encoder.{precision}"
 
 
 @dataclass(frozen=True)
@@ -140,8 +153,10 @@ class Manifest:
     adaptation: Adaptation = field(default_factory=Adaptation)
     calibration: Calibration = field(default_factory=Calibration)
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        variants = {"variants": {k: dict(v) for k, v in self.variants.items()}} if self.variants else {}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -152,6 +167,7 @@ class Manifest:
             "adaptation": {"default": self.adaptation.default, "modes": {k: dict(v) for k, v in self.adaptation.modes.items()}},
             "calibration": {"temperature": self.calibration.temperature, "open_set": self.calibration.open_set.to_dict()},
             "provenance": dict(self.provenance),
+            **variants,
         }
 
     @classmethod
@@ -184,6 +200,7 @@ class Manifest:
                     open_set=OpenSet(**{k: v for k, v in open_set.items() if k in OpenSet.__dataclass_fields__}),
                 ),
                 provenance=dict(_get(d, "provenance", default={})),
+                variants={str(k): dict(v) for k, v in _get(d, "variants", default={}).items()},
             )
         except FewShotInputError:
             raise
@@ -227,6 +244,20 @@ class Bundle:
             if entry.role == role:
                 return self.path / name
         raise FewShotInputError(f"bundle {self.path} has no file with role {role!r}")
+
+    @property
+    def precisions(self) -> list[str]:
+        """The encoder precisions this bundle has a file for, fp32 first."""
+        roles = {entry.role for entry in self.manifest.files.values()}
+        return [p for p in PRECISIONS if encoder_role(p) in roles]
+
+    def encoder_file(self, precision: str = "fp32") -> Path:
+        """The encoder file of ``precision``; a precision the bundle lacks is a FewShotInputError."""
+        role = encoder_role(precision)
+        if precision not in self.precisions:
+            raise FewShotInputError(f"bundle {self.path} has no {precision} encoder (it has: {', '.join(self.precisions)});"
+                                    f" export it with --{precision}")
+        return self.file(role)
 
 
 def sha256_file(path: Path) -> str:
@@ -281,6 +312,7 @@ def write_bundle(
     provenance: Optional[Mapping[str, Any]] = None,
     roles: Optional[Mapping[str, str]] = None,
     overwrite: bool = False,
+    variants: Optional[Mapping[str, Mapping[str, Any]]] = None,
 ) -> Bundle:
     """Write a bundle atomically: files (name -> source path or bytes) and manifest go to a temporary
     folder beside ``out_dir`` that is renamed into place, so no reader ever sees half a bundle.
@@ -308,7 +340,7 @@ def write_bundle(
             model_id=compute_model_id(hashes),
             files={name: FileEntry(hashes[name], roles[name]) for name in files},
             input_spec=input_spec, embedding=embedding, adaptation=adaptation,
-            calibration=calibration, provenance=dict(provenance or {}),
+            calibration=calibration, provenance=dict(provenance or {}), variants=dict(variants or {}),
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
         for name in [*files, MANIFEST]:

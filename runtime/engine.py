@@ -7,7 +7,7 @@ runs the graph that computes that vector from a set of images.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -18,9 +18,12 @@ from .errors import FewShotInputError
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
-def _open_session(path: Union[str, Path], providers: Sequence[str], threads: Optional[int], what: str) -> ort.InferenceSession:
+Provider = Union[str, tuple[str, dict[str, Any]]]  # a name, or (name, provider options)
+
+
+def _open_session(path: Union[str, Path], providers: Sequence[Provider], threads: Optional[int], what: str) -> ort.InferenceSession:
     """An optimised session on exactly these providers; a missing provider or unreadable model is a FewShotInputError."""
-    missing = [p for p in providers if p not in ort.get_available_providers()]
+    missing = [p for p in (p if isinstance(p, str) else p[0] for p in providers) if p not in ort.get_available_providers()]
     if missing:
         raise FewShotInputError(
             f"execution provider(s) not available: {', '.join(missing)} (available: {', '.join(ort.get_available_providers())})"
@@ -45,8 +48,8 @@ def _static(shape: Sequence[object]) -> tuple[Optional[int], ...]:
 class Engine:
     """An ONNX encoder: float32 images (N, C, H, W) in, float32 embeddings (N, D) out.
 
-    ``providers`` are tried in order (default CPU only); asking for one this onnxruntime build
-    lacks is an error rather than a silent CPU fallback. ``threads`` sets intra-op threads
+    ``providers`` are tried in order (default CPU only), each a name or (name, options); asking for
+    one this onnxruntime build lacks is an error rather than a silent CPU fallback. ``threads`` sets intra-op threads
     (None = onnxruntime's default). Batches above ``max_batch`` (or a fixed batch size in the
     graph) are run in chunks. A FiLM encoder has a second input named ``film_input``, a float32
     vector (F,) that ``embed`` must then be given (``film_size`` is F when the graph fixes it).
@@ -55,7 +58,7 @@ class Engine:
     def __init__(
         self,
         onnx_path: Union[str, Path],
-        providers: Optional[Sequence[str]] = None,
+        providers: Optional[Sequence[Provider]] = None,
         threads: Optional[int] = None,
         max_batch: int = 64,
         film_input: str = "film",
@@ -118,7 +121,7 @@ class ContextEngine:
     """A FiLM context graph: float32 images (S, C, H, W), the whole support set in one run, in; the
     film vector (F,) out. One session, on the same providers and threads as the encoder."""
 
-    def __init__(self, onnx_path: Union[str, Path], providers: Optional[Sequence[str]] = None,
+    def __init__(self, onnx_path: Union[str, Path], providers: Optional[Sequence[Provider]] = None,
                  threads: Optional[int] = None, input_name: Optional[str] = None) -> None:
         self._session = _open_session(onnx_path, list(providers or DEFAULT_PROVIDERS), threads, "context graph")
         inputs = self._session.get_inputs()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from .adapters import ADAPTERS, Adapter
+from .backends import open_encoder
 from .bundle import Bundle, open_bundle
 from .engine import Engine
 from .errors import FewShotInputError
@@ -52,26 +53,34 @@ class FewShotModel:
         providers: Optional[Sequence[str]] = None,
         threads: Optional[int] = None,
         reembed: bool = False,
+        adapt_options: Optional[Mapping[str, Any]] = None,
+        precision: str = "fp32",
+        backend: str = "auto",
+        engines: Union[str, Path, None] = None,
     ) -> "FewShotModel":
         """Open a bundle with an enrollment store (a SQLite path; None = in memory).
 
-        ``adapt`` names the adaptation mode (None = the bundle's default). A store bound to another
-        model is refused unless ``reembed``: then its stored shots are re-embedded with this model
-        and the store is rebound in one transaction, so the device keeps its classes.
+        ``adapt`` names the adaptation mode (None = the store's remembered mode when the bundle has
+        it, else the bundle's default); ``adapt_options`` overrides that mode's parameters (e.g.
+        ``{"steps": 20}`` for finetune). A store bound to another model is refused unless
+        ``reembed``: then its stored shots are re-embedded with this model and the store is rebound
+        in one transaction, so the device keeps its classes.
+
+        ``precision`` picks the encoder file (fp32, or a variant the bundle has: fp16, int8); a store
+        is bound to the model and precision it was enrolled with. ``backend`` ("auto" = the best this
+        machine can run, logged; tensorrt, tensorrt-ep, cuda, cpu) runs it, or exactly ``providers``
+        when given; TensorRT engines are cached in ``engines`` (default: beside the bundle).
         """
         bundle = open_bundle(bundle_dir)
-        adaptation = bundle.manifest.adaptation
-        mode = adapt or adaptation.default
-        if mode not in adaptation.modes:
-            raise FewShotInputError(f"bundle does not support adaptation mode {mode!r} (it supports: {', '.join(adaptation.modes)})")
-        if mode not in ADAPTERS:
-            raise FewShotInputError(f"this runtime has no adaptation mode {mode!r} (it has: {', '.join(ADAPTERS)})")
-        film_input = str(adaptation.modes[mode].get("film_input", "film"))
-        engine = Engine(bundle.file("encoder"), providers=providers, threads=threads, film_input=film_input)
-        adapter = ADAPTERS[mode](bundle, engine)
-        _check_encoder(engine, adapter, bundle)
-        enrollment = EnrollmentStore.open(store, bundle.model_id, reembed=reembed)
+        bundle.encoder_file(precision)  # a precision the bundle lacks fails before the store is touched
+        bound_to = bundle.model_id if precision == "fp32" else f"{bundle.model_id}+{precision}"
+        enrollment = EnrollmentStore.open(store, bound_to, reembed=reembed)
         try:
+            mode = _mode(bundle, adapt, enrollment.adaptation)
+            film_input = str(bundle.manifest.adaptation.modes[mode].get("film_input", "film"))
+            engine = open_encoder(bundle, precision, backend, providers, threads, film_input, engines)
+            adapter = ADAPTERS[mode](bundle, engine, adapt_options)
+            _check_encoder(engine, adapter, bundle)
             if enrollment.needs_reembed:
                 _reembed(enrollment, adapter, bundle)
             return cls(bundle, engine, adapter, enrollment)
@@ -128,6 +137,12 @@ class FewShotModel:
             predictions.append(Prediction(RESERVED_LABEL if unknown else top[0][0], top[0][1], float(distance), top))
         return predictions
 
+    def refit(self) -> None:
+        """Fit the adaptation mode to the stored shots now (prediction does it when the enrolled set
+        changed; this forces it, e.g. to time it or to pay it before the first query)."""
+        self._fitted_version = None
+        self._fit_if_changed(reuse=False)
+
     def close(self) -> None:
         self.store.close()
 
@@ -148,24 +163,43 @@ class FewShotModel:
         in_step = self._fitted_version is not None and version == self._fitted_version + 1
         self._fitted_version = version if in_step and self.adapter.add(label, embeddings, pixels) else None
 
-    def _fit_if_changed(self) -> None:
-        """Refit the adapter when the enrolled set changed since the last fit (in any process)."""
+    def _fit_if_changed(self, reuse: bool = True) -> None:
+        """Refit the adapter when the enrolled set changed since the last fit (in any process). A
+        persistent mode takes back the state the store kept for this very set (unless not ``reuse``),
+        and saves what it fits."""
         if self.store.data_version() != self._fitted_version:
-            shots = self.store.shots(pixels=self.adapter.needs_pixels)
-            self.adapter.fit(shots)
+            adapter = self.adapter
+            shots = self.store.shots(pixels=adapter.needs_pixels)
+            saved = self.store.load_state(adapter.state_key, shots.version) if adapter.persistent and reuse else None
+            adapter.fit(shots, saved)
+            if adapter.persistent and saved is None:
+                self.store.save_state(adapter.state_key, shots.version, adapter.state())
             self._fitted_version = shots.version
 
     def _score(self, images: Images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Probabilities (N, C), nearest-prototype distances (N,) and the nearest classes' shot counts (N,)."""
+        """Probabilities (N, C), nearest-prototype distances (N,) and the nearest classes' shot counts (N,).
+        The logits are divided by the mode's own calibrated temperature when its parameters hold one
+        (a fine-tuned head's logits are sharper than the prototypes'), else by the bundle's."""
         batch = preprocess(_as_list(images), self.spec)
         self._fit_if_changed()
         if not self.adapter.labels:
             raise FewShotInputError("no classes enrolled; enroll some before predicting")
         logits, nearest, shots = self.adapter.score(self.adapter.embed(batch))
-        logits = logits / self._calibration.temperature
+        logits = logits / float(self.adapter.params.get("temperature", self._calibration.temperature))
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True), nearest, shots
+
+
+def _mode(bundle: Bundle, asked: Optional[str], remembered: Optional[str]) -> str:
+    """The adaptation mode to use: the one asked for, else the store's if the bundle has it, else the bundle's default."""
+    adaptation = bundle.manifest.adaptation
+    mode = asked or (remembered if remembered in adaptation.modes else adaptation.default)
+    if mode not in adaptation.modes:
+        raise FewShotInputError(f"bundle does not support adaptation mode {mode!r} (it supports: {', '.join(adaptation.modes)})")
+    if mode not in ADAPTERS:
+        raise FewShotInputError(f"this runtime has no adaptation mode {mode!r} (it has: {', '.join(ADAPTERS)})")
+    return mode
 
 
 def _as_list(images: Images) -> list[ImageLike]:

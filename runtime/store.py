@@ -5,21 +5,28 @@ Each shot keeps its embedding (float32), its preprocessed input (uint8 (C, H, W)
 re-embed everything after a model update. WAL mode and a busy timeout let one writer and several
 reader processes share the file; every change is one ``BEGIN IMMEDIATE ... COMMIT`` transaction that
 also bumps ``data_version``, which readers poll to refit only when the enrolled set changed.
+
+It also keeps what an adaptation mode fitted (e.g. a fine-tuned head) tagged with the data_version it
+was fitted on, so a restart reuses it while the enrolled set is unchanged, and the store's preferred
+adaptation mode. Neither bumps ``data_version``: they are derived from the shots, not part of them.
 """
 
 from __future__ import annotations
 
+import io
 import sqlite3
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 
 from .errors import FewShotInputError
 
-SCHEMA_VERSION = 1
+T = TypeVar("T")
+
+SCHEMA_VERSION = 2
 RESERVED_LABEL = "unknown"
 MAX_LABEL_LENGTH = 64
 _FORBIDDEN_LABEL_CHARS = "/\\'\""
@@ -32,8 +39,10 @@ _SCHEMA = (
     " class_id INTEGER NOT NULL REFERENCES classes(id) ON DELETE CASCADE,"
     f" embedding BLOB NOT NULL, pixels BLOB NOT NULL, source_hash TEXT NOT NULL, created TEXT NOT NULL DEFAULT {_NOW})",
     "CREATE INDEX shots_by_class ON shots(class_id)",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
+_MIGRATIONS = {  # schema version -> statements that bring it to the next one
+    1: ("CREATE TABLE adapter_state (key TEXT PRIMARY KEY, data_version INTEGER NOT NULL, state BLOB NOT NULL)",),
+}
 
 
 def validate_label(label: str) -> str:
@@ -119,6 +128,37 @@ class EnrollmentStore:
     def data_version(self) -> int:
         """A counter bumped by every committed change, by any process."""
         return self._conn.execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()[0]
+
+    @property
+    def adaptation(self) -> Optional[str]:
+        """The adaptation mode this store was last set to use (``set_adaptation``), or None."""
+        return self._meta(self._conn, "adaptation")
+
+    def set_adaptation(self, mode: str) -> None:
+        """Remember ``mode`` as this store's adaptation mode (models opened without one use it)."""
+        self._derived(lambda conn: self._set_meta(conn, "adaptation", mode))
+
+    def load_state(self, key: str, version: int) -> Optional[dict[str, np.ndarray]]:
+        """The arrays saved under ``key`` if they were fitted on data_version ``version``, else None."""
+        row = self._conn.execute("SELECT data_version, state FROM adapter_state WHERE key = ?", (key,)).fetchone()
+        if row is None or row[0] != version or self.needs_reembed:
+            return None
+        with np.load(io.BytesIO(row[1]), allow_pickle=False) as saved:
+            return {name: saved[name] for name in saved.files}
+
+    def save_state(self, key: str, version: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Keep ``arrays`` under ``key`` as fitted on data_version ``version``; skipped when the shots
+        changed since (the state would be stale) or before a re-embed."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+
+        def change(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()[0] == version:
+                conn.execute("INSERT OR REPLACE INTO adapter_state (key, data_version, state) VALUES (?, ?, ?)",
+                             (key, version, buffer.getvalue()))
+
+        if not self.needs_reembed:
+            self._derived(change)
 
     def list_classes(self) -> list[tuple[str, int]]:
         """(label, number of shots) per class, in enrollment order."""
@@ -257,20 +297,26 @@ class EnrollmentStore:
             raise FewShotInputError(
                 f"enrollment store {self.name} holds embeddings of model {self.bound_model_id[:12]}; re-embed before changing it"
             )
+
+        def bumped(conn: sqlite3.Connection) -> int:
+            change(conn)
+            return conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'data_version' RETURNING value").fetchall()[0][0]
+
+        return self._derived(bumped)
+
+    def _derived(self, change: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``change`` in one write transaction (no data_version bump on its own); return its result."""
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             self._check_binding(conn)
-            change(conn)
-            (version,) = conn.execute(
-                "UPDATE meta SET value = value + 1 WHERE key = 'data_version' RETURNING value"
-            ).fetchall()[0]
+            result = change(conn)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return version
+        return result
 
     def _check_binding(self, conn: sqlite3.Connection) -> None:
         bound = self._meta(conn, "model_id")
@@ -298,8 +344,14 @@ def _initialise(conn: sqlite3.Connection, model_id: str) -> str:
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", (("model_id", model_id), ("data_version", 0)))
+            version = 1
         elif version > SCHEMA_VERSION:
             raise FewShotInputError(f"schema version {version} is newer than this runtime reads ({SCHEMA_VERSION})")
+        if version < SCHEMA_VERSION:
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         bound = conn.execute("SELECT value FROM meta WHERE key = 'model_id'").fetchone()[0]
         conn.execute("COMMIT")
     except BaseException:

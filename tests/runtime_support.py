@@ -65,7 +65,9 @@ def context_graph(a: np.ndarray, b: np.ndarray) -> bytes:
 
 def make_film_bundle(path: Path, w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float = 1.0, temperature: float = 1.0) -> Bundle:
     """A bundle with ``film_encoder(w)``, ``context_graph(a, b)`` and the "film" mode as default."""
-    modes = {"film": {"film_size": 2 * w.shape[1], "context_input": "images", "film_input": "film"}, "prototype": {}}
+    identity = [1.0] * w.shape[1] + [0.0] * w.shape[1]
+    modes = {"film": {"film_size": 2 * w.shape[1], "context_input": "images", "film_input": "film", "identity": identity},
+             "prototype": {}}
     return write_bundle(
         path, {"encoder.onnx": film_encoder(w), "context.onnx": context_graph(a, b)},
         input_spec=SPEC, embedding=EmbeddingSpec(w.shape[1], "sqeuclidean", scale),
@@ -86,12 +88,13 @@ def weight(seed: int = 0, spec: InputSpec = SPEC, dim: int = DIM) -> np.ndarray:
 def make_bundle(
     path: Path, w: np.ndarray, spec: InputSpec = SPEC, metric: str = "sqeuclidean", scale: float = 1.0,
     temperature: float = 1.0, threshold: float | None = None, thresholds_by_shots: dict[int, float] | None = None,
+    adaptation: Adaptation | None = None,
 ) -> Bundle:
     open_set = OpenSet(threshold=threshold, fitted_on="test", thresholds_by_shots=thresholds_by_shots)
     return write_bundle(
         path, {"encoder.onnx": linear_encoder(w, ("N", spec.channels, spec.height, spec.width))},
         input_spec=spec, embedding=EmbeddingSpec(w.shape[1], metric, scale),
-        calibration=Calibration(temperature, open_set),
+        adaptation=adaptation or Adaptation(), calibration=Calibration(temperature, open_set),
         provenance={"method": "test"},
     )
 

@@ -8,13 +8,14 @@ import onnx
 import pytest
 import torch
 
-from fewshot_edge.checkpoint import build_method
+from fewshot_edge.checkpoint import build_method, load_checkpoint, save_checkpoint
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.export import FiLMSessions, check_parity, export_bundle, export_context_onnx, export_onnx
 from fewshot_edge.methods import FiLMProtoNet
-from fewshot_edge.runtime import Engine, InputSpec, open_bundle
+from fewshot_edge.episodes import EpisodeSampler
+from fewshot_edge.runtime import Engine, FewShotModel, InputSpec, open_bundle
 from fewshot_edge.runtime.preprocess import normalize
-from fewshot_edge.train import train
+from fewshot_edge.train import load_splits, train
 
 SPEC = InputSpec(1, 28, 28, mean=(0.5,), std=(0.25,))
 
@@ -107,3 +108,32 @@ def test_film_bundle_has_both_graphs_roles_and_the_film_mode(omniglot_small1, tm
     assert manifest.provenance["method"] == "film" and manifest.provenance["parity"]["passed"]
     encoder = onnx.load(str(bundle.file("encoder")))
     assert [i.name for i in encoder.graph.input] == ["images", "film"]
+
+
+def test_runtime_film_predictions_equal_the_pytorch_method(omniglot_small1, tmp_path):
+    config = TrainConfig(sources=[str(omniglot_small1)], data_options={"rotations": True}, holdout=1, method="film",
+                         method_options={"task_dim": 32}, n_way=5, k_shot=1, q_query=2, episodes=3, val_every=3,
+                         val_episodes=3, seed=0, device="cpu", out=str(tmp_path / "run"))
+    train(config, progress_bar=False)
+    method, config, spec, payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    with torch.no_grad():  # a few episodes leave the FiLM near identity: move it, so the context matters
+        for generator in method.context.generators:
+            generator[-1].weight.normal_(0, 0.05)
+            generator[-1].bias.normal_(0, 0.05)
+    save_checkpoint(tmp_path / "film.pt", method, config, spec)
+    export_bundle(tmp_path / "film.pt", tmp_path / "bundle", calibration_episodes=20)
+
+    validation = load_splits(config)[1]
+    raw = 255 - validation.images[:, 0] if spec.invert else validation.images[:, 0]  # the data set stores them inverted
+    agree = []
+    for seed in range(3):
+        ep = EpisodeSampler(validation, 5, 2, 3, seed=seed).sample()
+        with torch.no_grad():
+            expected = method.logits(ep.support, ep.support_labels, ep.query, 5).argmax(1).numpy()
+        index = ep.index.numpy()
+        with FewShotModel.open(tmp_path / "bundle", adapt="film") as model:
+            for c in range(5):
+                model.enroll(f"c{c}", list(raw[index[c, :2]]))
+            agree.append(model.predict_proba(list(raw[index[:, 2:].ravel()])).argmax(1) == expected)
+            assert not np.allclose(model.adapter.film, method.context.identity.numpy(), atol=1e-2)
+    assert np.concatenate(agree).all()

@@ -99,9 +99,16 @@ def test_film_state_survives_reopening_the_store(tmp_path, bundle):
         np.testing.assert_allclose(model.predict_proba(QUERIES), before, rtol=1e-6)
 
 
+def test_prototype_mode_runs_the_film_encoder_under_identity(bundle, params):
+    with FewShotModel.open(bundle, adapt="prototype") as model:
+        model.enroll("cat", CAT)
+        model.enroll("dog", DOG)
+        prototypes = np.stack([embed_by_hand(c, params[0]).mean(0) for c in (CAT, DOG)])
+        d = ((embed_by_hand(QUERIES, params[0])[:, None] - prototypes[None]) ** 2).sum(-1)
+        np.testing.assert_allclose(model.predict_proba(QUERIES), softmax(-0.7 * d / 1.3), rtol=1e-4, atol=1e-6)
+
+
 def test_film_encoder_without_film_is_a_clear_error(tmp_path, bundle, params):
-    with pytest.raises(FewShotInputError, match="takes a FiLM input 'film'"):
-        FewShotModel.open(bundle, adapt="prototype")
     (tmp_path / "encoder.onnx").write_bytes(film_encoder(params[0]))
     engine = Engine(tmp_path / "encoder.onnx")
     assert engine.takes_film and engine.film_size == 2 * DIM

@@ -7,5 +7,6 @@ from . import training  # noqa: F401  (registers train, eval)
 from . import export  # noqa: F401  (registers export)
 from . import device  # noqa: F401  (registers enroll, predict, classes, bench)
 from . import demo  # noqa: F401  (registers demo)
+from . import deploy  # noqa: F401  (registers info, build-engine)
 
 __all__ = ["main"]

@@ -22,6 +22,7 @@ from fewshot_edge.runtime.bench import run_benchmark, shape_text, source_images,
 from fewshot_edge.runtime.preprocess import load_image
 
 from .common import InputError, emit_json, main, reports_input_errors
+from .deploy import engine_options
 
 PROGRESS_MIN_IMAGES = 50
 PREDICT_CHUNK = 256
@@ -41,13 +42,15 @@ def store_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def open_model(bundle: Optional[str], store: str, reembed: bool, adapt: Optional[str] = None,
-               create: bool = False) -> FewShotModel:
+               create: bool = False, adapt_options: Optional[dict[str, Any]] = None,
+               engine: Optional[dict[str, Any]] = None) -> FewShotModel:
     """The model on ``bundle`` (default: the pretrained one) with ``store``; a missing store is an
-    error unless ``create``."""
+    error unless ``create``. ``engine``: precision/backend arguments of ``FewShotModel.open``."""
     if not create and not Path(store).is_file():
         raise InputError(f"no enrollment store at {store}; enroll classes first")
     try:
-        return FewShotModel.open(bundle or default_bundle(), store=store, adapt=adapt, reembed=reembed)
+        return FewShotModel.open(bundle or default_bundle(), store=store, adapt=adapt, reembed=reembed,
+                                 adapt_options=adapt_options, **(engine or {}))
     except FewShotInputError as exc:  # name the option, not the API argument
         raise InputError(str(exc).replace("open it with reembed=True", "pass --reembed")) from None
 
@@ -100,10 +103,13 @@ def enrollment_plan(paths: Sequence[str], label: Optional[str]) -> dict[str, lis
 @store_options
 @click.option("--label", metavar="NAME", help="Enroll every image given (files or folders of images) as this class.")
 @click.option("--add", is_flag=True, help="Add the images to classes that are already enrolled.")
+@click.option("--adapt", metavar="MODE", help="Make MODE (one the bundle lists) this store's adaptation mode: "
+                                              "predict uses it unless given another.")
 @click.argument("paths", nargs=-1, required=True)
+@engine_options
 @reports_input_errors
-def enroll(bundle: Optional[str], store: str, reembed: bool, label: Optional[str], add: bool,
-           paths: tuple[str, ...]) -> None:
+def enroll(bundle: Optional[str], store: str, reembed: bool, label: Optional[str], add: bool, adapt: Optional[str],
+           paths: tuple[str, ...], engine: dict[str, Any]) -> None:
     """Enroll classes from a few images each.
 
     \b
@@ -118,7 +124,7 @@ def enroll(bundle: Optional[str], store: str, reembed: bool, label: Optional[str
     for files in plan.values():
         for f in files:
             load_image(f)  # decode every image first: a bad one stops the command before any write
-    with open_model(bundle, store, reembed, create=not add) as model:
+    with open_model(bundle, store, reembed, adapt, create=not add, engine=engine) as model:
         enrolled = dict(model.classes())
         for name in plan:
             if add and name not in enrolled:
@@ -131,6 +137,8 @@ def enroll(bundle: Optional[str], store: str, reembed: bool, label: Optional[str
             for name, files in plan.items():
                 write(name, files)
                 bar.update(len(files))
+        if adapt:
+            model.store.set_adaptation(model.adapter.name)
         counts = dict(model.classes())
     for name, files in plan.items():
         verb = f"added {len(files)} to" if add else "enrolled"
@@ -140,13 +148,16 @@ def enroll(bundle: Optional[str], store: str, reembed: bool, label: Optional[str
 
 @main.command()
 @store_options
-@click.option("--adapt", metavar="MODE", help="Adaptation mode (one the bundle lists) [the bundle's default].")
+@click.option("--adapt", metavar="MODE",
+              help="Adaptation mode (one the bundle lists) [the store's, set by enroll --adapt, else the bundle's default].")
+@click.option("--steps", type=int, metavar="N", help="finetune mode: gradient steps on the shots [as meta-trained].")
 @click.option("--top-k", default=1, metavar="K", show_default=True, help="Also list the K most likely classes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 @click.argument("images", nargs=-1, required=True)
+@engine_options
 @reports_input_errors
-def predict(bundle: Optional[str], store: str, reembed: bool, adapt: Optional[str], top_k: int, as_json: bool,
-            images: tuple[str, ...]) -> None:
+def predict(bundle: Optional[str], store: str, reembed: bool, adapt: Optional[str], steps: Optional[int], top_k: int,
+            as_json: bool, images: tuple[str, ...], engine: dict[str, Any]) -> None:
     """Classify images (files, or folders of images) among the enrolled classes.
 
     \b
@@ -157,7 +168,8 @@ def predict(bundle: Optional[str], store: str, reembed: bool, adapt: Optional[st
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {top_k}")
     files = expand_images(images)
-    with open_model(bundle, store, reembed, adapt) as model:
+    with open_model(bundle, store, reembed, adapt, adapt_options=None if steps is None else {"steps": steps},
+                    engine=engine) as model:
         predictions: list[Prediction] = []
         with tqdm(total=len(files), unit="img", desc="predicting",
                   disable=len(files) < PROGRESS_MIN_IMAGES * 4 or None) as bar:
@@ -189,10 +201,11 @@ def classes() -> None:
 @classes.command(name="list")
 @store_options
 @click.option("--json", "as_json", is_flag=True, help="Print the classes as JSON.")
+@engine_options
 @reports_input_errors
-def list_classes(bundle: Optional[str], store: str, reembed: bool, as_json: bool) -> None:
+def list_classes(bundle: Optional[str], store: str, reembed: bool, as_json: bool, engine: dict[str, Any]) -> None:
     """The enrolled classes with their numbers of shots, in enrollment order."""
-    with open_model(bundle, store, reembed) as model:
+    with open_model(bundle, store, reembed, engine=engine) as model:
         enrolled = model.classes()
     if as_json:
         emit_json([{"label": label, "shots": n} for label, n in enrolled])
@@ -206,10 +219,11 @@ def list_classes(bundle: Optional[str], store: str, reembed: bool, as_json: bool
 @classes.command()
 @store_options
 @click.argument("labels", nargs=-1, required=True)
+@engine_options
 @reports_input_errors
-def remove(bundle: Optional[str], store: str, reembed: bool, labels: tuple[str, ...]) -> None:
+def remove(bundle: Optional[str], store: str, reembed: bool, labels: tuple[str, ...], engine: dict[str, Any]) -> None:
     """Remove classes and their shots."""
-    with open_model(bundle, store, reembed) as model:
+    with open_model(bundle, store, reembed, engine=engine) as model:
         enrolled = dict(model.classes())
         missing = [label for label in labels if label not in enrolled]
         if missing:
@@ -223,10 +237,11 @@ def remove(bundle: Optional[str], store: str, reembed: bool, labels: tuple[str, 
 @store_options
 @click.argument("old")
 @click.argument("new")
+@engine_options
 @reports_input_errors
-def rename(bundle: Optional[str], store: str, reembed: bool, old: str, new: str) -> None:
+def rename(bundle: Optional[str], store: str, reembed: bool, old: str, new: str, engine: dict[str, Any]) -> None:
     """Rename class OLD to NEW."""
-    with open_model(bundle, store, reembed) as model:
+    with open_model(bundle, store, reembed, engine=engine) as model:
         model.rename(old, new)
     click.echo(f"renamed {old!r} to {validate_label(new)!r}")
 
@@ -237,25 +252,76 @@ def rename(bundle: Optional[str], store: str, reembed: bool, old: str, new: str)
               help="Threads for onnxruntime (and PyTorch with --checkpoint).")
 @click.option("--checkpoint", metavar="CKPT", help="Also time this checkpoint's model in PyTorch eager (needs torch).")
 @click.option("--quick", is_flag=True, help="Fewer runs: a few seconds, rougher figures.")
+@click.option("--all-variants", is_flag=True,
+              help="Instead: the bundle's precisions side by side (latency, throughput, export-time accuracy).")
+@click.option("--adapt", "modes", multiple=True, metavar="MODE",
+              help="Instead: refit time and prediction latency of MODE beside prototype, 20 classes x 5 shots (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@engine_options
 @reports_input_errors
-def bench(bundle: Optional[str], threads: int, checkpoint: Optional[str], quick: bool, as_json: bool) -> None:
+def bench(bundle: Optional[str], threads: int, checkpoint: Optional[str], quick: bool, all_variants: bool,
+          modes: tuple[str, ...], as_json: bool, engine: dict[str, Any]) -> None:
     """Latency, throughput, cold start and memory of a bundle on this machine.
 
     \b
     Inputs are decoded 105x105 uint8 images, so preprocessing is included where it says so.
     With --checkpoint, the same model in PyTorch eager is timed in the same run, same threads.
+    --all-variants and --adapt MODE compare precisions and adaptation modes instead.
     """
     bundle_dir = bundle or default_bundle()
+    if all_variants or modes:
+        compare(bundle_dir, threads, quick, all_variants, modes, as_json, engine)
+        return
     spec = open_bundle(bundle_dir).manifest.input_spec
     eager = pytorch_model(checkpoint, spec, threads)
     sizes = dict(runs=200, batch=128, seconds=0.5, enroll_runs=20, child_runs=50) if quick else {}
-    report = run_benchmark(bundle_dir, threads=threads, **sizes)
+    report = run_benchmark(bundle_dir, threads=threads, **sizes, **engine)
     report["pytorch"] = pytorch_figures(eager, report)
     if as_json:
         emit_json(report)
     else:
         click.echo(format_bench(report))
+
+
+def compare(bundle: str, threads: int, quick: bool, all_variants: bool, modes: Sequence[str], as_json: bool,
+            engine: dict[str, Any]) -> None:
+    """``bench --all-variants`` and ``--adapt``: the side-by-side tables (or JSON)."""
+    from fewshot_edge.runtime.bench_compare import compare_modes, compare_precisions
+
+    opened = {key: value for key, value in engine.items() if key != "precision"}
+    report: dict[str, Any] = {}
+    if all_variants:
+        report["precisions"] = compare_precisions(bundle, threads=threads, **opened,
+                                                  **(dict(runs=50, batch=64, seconds=0.2) if quick else {}))
+    if modes:
+        report["adaptation"] = compare_modes(bundle, modes, threads=threads, **engine, **(dict(runs=50, refits=3) if quick else {}))
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo("\n\n".join(format_compare(name, r) for name, r in report.items()))
+
+
+def format_compare(name: str, r: dict[str, Any]) -> str:
+    """A --all-variants or --adapt report as an aligned table."""
+    def ms(t: dict[str, float]) -> str:
+        return f"{t['p50_ms']:.3f} / {t['p99_ms']:.3f}"
+
+    m = r["machine"]
+    head = f"{r['bundle']}: {m['cpu']}, {m['cpus']} CPUs, onnxruntime {m['onnxruntime']}, {r['threads'] or 'default'} threads"
+    if name == "precisions":
+        header = ["precision", "predict p50/p99 ms", "encoder p50/p99 ms", f"encoder img/s (batch {r['batch']})", "vs fp32", "accuracy"]
+        rows = [[p, ms(v["predict"]), ms(v["encoder"]), f"{v['encoder_images_per_s']:,.0f}", f"{v['throughput_vs_fp32']:.2f}x",
+                 "not measured" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}% +- {100 * v['ci95']:.2f}"
+                 + ("" if v["delta"] is None else f" ({100 * v['delta']:+.2f} +- {100 * v['delta_ci95']:.2f} pts)")]
+                for p, v in r["precisions"].items()]
+        foot = f"accuracy: measured at export on {r['accuracy_on'] or 'no episodes'} (from the manifest)"
+    else:
+        header = ["mode", "refit p50/p99 ms", "predict p50/p99 ms"]
+        rows = [[mode, ms(v["refit"]), ms(v["predict"])] for mode, v in r["modes"].items()]
+        foot = f"{r['enrolled']} enrolled, {r['precision']} encoder; refit = fitting the mode to the stored shots after a change"
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join([head, *lines, foot])
 
 
 def pytorch_model(checkpoint: Optional[str], spec: InputSpec, threads: int) -> Union[str, tuple[Any, InputSpec]]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import click
 
-from .common import echo_err, emit_json, main, reports_input_errors, require_modules
+from .common import InputError, echo_err, emit_json, main, reports_input_errors, require_modules
 
 DATA_KINDS = ["omniglot", "folders"]
 
@@ -18,6 +19,28 @@ def data_options(image_size: int | None, channels: int | None, rotations: bool |
     """The loader options the user set (unset ones keep the loader's defaults)."""
     given = {"size": image_size, "channels": channels, "rotations": rotations, "max_per_class": max_per_class}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def method_options(method: str, metric: str | None, pairs: Sequence[str]) -> dict[str, Any]:
+    """The options of ``method`` from --metric and KEY=VALUE pairs, checked against its constructor."""
+    from fewshot_edge.methods import METHODS
+
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
+    accepted = [name for name in inspect.signature(METHODS[method]).parameters if name not in ("self", "backbone", "options")]
+    options: dict[str, Any] = {} if metric is None else {"metric": metric}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--method-option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        raise InputError(f"method {method!r} has no option {unknown[0]!r} (it takes: {', '.join(accepted)})")
+    return options
 
 
 @main.command()
@@ -34,8 +57,13 @@ def data_options(image_size: int | None, channels: int | None, rotations: bool |
 @click.option("--rotations/--no-rotations", default=None, help="omniglot only: each 90-degree rotation is its own class.")
 @click.option("--max-per-class", type=int, help="folders only: use the first N images of each class.")
 @click.option("--backbone", default="conv4", show_default=True, help="conv4 | resnet12")
-@click.option("--method", default="protonet", show_default=True, help="Meta-learning method.")
-@click.option("--metric", type=click.Choice(["sqeuclidean", "cosine"]), default="sqeuclidean", show_default=True)
+@click.option("--method", default="protonet", show_default=True, help="Meta-learning method: protonet | film | anil.")
+@click.option("--metric", type=click.Choice(["sqeuclidean", "cosine"]),
+              help="protonet and film: distance of the prototypes [sqeuclidean].")
+@click.option("--method-option", "-O", "method_option_args", multiple=True, metavar="KEY=VALUE",
+              help="A method option, repeatable; VALUE is JSON (numbers, true/false) or else text. film: task_dim, "
+                   "film_l2, freeze_backbone, init_from; anil: inner_steps, step_size, per_parameter, first_order, "
+                   "inner_l2, learn_step_sizes.")
 @click.option("--way", default=60, show_default=True, help="Training episodes: classes per episode.")
 @click.option("--shot", default=5, show_default=True, help="Training episodes: support images per class.")
 @click.option("--query", default=5, show_default=True, help="Training episodes: query images per class.")
@@ -62,7 +90,8 @@ def data_options(image_size: int | None, channels: int | None, rotations: bool |
 @reports_input_errors
 def train(data_kind: str, sources: tuple[str, ...], val_sources: tuple[str, ...], holdout: int,
           holdout_groups: tuple[str, ...], image_size: int | None, channels: str | None, rotations: bool | None,
-          max_per_class: int | None, backbone: str, method: str, metric: str, way: int, shot: int, query: int,
+          max_per_class: int | None, backbone: str, method: str, metric: str | None, method_option_args: tuple[str, ...],
+          way: int, shot: int, query: int,
           val_way: int, val_shot: int, val_query: int, val_episodes: int, val_every: int, episodes: int,
           time_limit: float | None, lr: float, schedule: str, seed: int, device: str, amp: bool, compile_model: bool, out: str,
           config_file: str | None, resume: str | None, as_json: bool) -> None:
@@ -88,7 +117,7 @@ def train(data_kind: str, sources: tuple[str, ...], val_sources: tuple[str, ...]
             data_options=data_options(image_size, int(channels) if channels else None, rotations, max_per_class),
             holdout=holdout, holdout_groups=list(holdout_groups),
             val_sources=[str(Path(s).resolve()) for s in val_sources],
-            backbone=backbone, method=method, method_options={"metric": metric},
+            backbone=backbone, method=method, method_options=method_options(method, metric, method_option_args),
             n_way=way, k_shot=shot, q_query=query, val_way=val_way, val_shot=val_shot, val_query=val_query,
             val_episodes=val_episodes, val_every=val_every, episodes=episodes, time_limit=time_limit,
             lr=lr, schedule=schedule, amp=amp, compile=compile_model, seed=seed, device=device, out=out)

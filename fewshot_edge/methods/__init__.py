@@ -6,11 +6,12 @@ from typing import Any
 
 from fewshot_edge.models import Backbone
 
+from .anil import ANIL
 from .base import FewShotMethod
 from .film import FiLMProtoNet
 from .protonet import ProtoNet
 
-METHODS: dict[str, type[FewShotMethod]] = {ProtoNet.name: ProtoNet, FiLMProtoNet.name: FiLMProtoNet}
+METHODS: dict[str, type[FewShotMethod]] = {m.name: m for m in (ProtoNet, FiLMProtoNet, ANIL)}
 
 
 def create_method(name: str, backbone: Backbone, **options: Any) -> FewShotMethod:
@@ -20,4 +21,4 @@ def create_method(name: str, backbone: Backbone, **options: Any) -> FewShotMetho
     return METHODS[name](backbone, **options)
 
 
-__all__ = ["METHODS", "FewShotMethod", "FiLMProtoNet", "ProtoNet", "create_method"]
+__all__ = ["ANIL", "METHODS", "FewShotMethod", "FiLMProtoNet", "ProtoNet", "create_method"]

@@ -1,0 +1,94 @@
+"""Methods side by side at an equal training budget: each is meta-trained for the same number of episodes
+of the same shape, seed and learning-rate schedule, then its last checkpoint is evaluated on the same
+held-out episodes (95% CIs). Omniglot: the background set minus 5 held-out alphabets (characters upright
+at evaluation); miniImageNet: the training shards, evaluated on the 16 validation classes (so at most
+16-way). Writes OUT/comparison.json after each method, so an interrupted run keeps what it finished.
+
+    python benchmarks/method_comparison.py --data omniglot --episodes 10000 --device cuda --out runs/compare-omniglot
+    python benchmarks/method_comparison.py --data miniimagenet --source train-0.zip --source train-1.zip \\
+        --source train-2.zip --val-source val.zip --max-per-class 100 --episodes 300 --out runs/compare-mini
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewshot_edge.checkpoint import load_checkpoint
+from fewshot_edge.config import TrainConfig
+from fewshot_edge.data.omniglot import upright
+from fewshot_edge.evaluate import evaluate
+from fewshot_edge.train import load_splits, resolve_device, train
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TASKS = {"omniglot": [(5, 1), (5, 5), (20, 1), (20, 5)], "miniimagenet": [(5, 1), (5, 5), (16, 5)]}
+EPISODE_SHAPE = {"omniglot": (60, 1, 5), "miniimagenet": (20, 5, 5)}  # training way, shot, query
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {"protonet": {}, "film": {}, "anil": {"inner_steps": 5, "step_size": 0.001}}
+
+
+def base_config(args: argparse.Namespace) -> TrainConfig:
+    way, shot, query = EPISODE_SHAPE[args.data]
+    common = dict(n_way=args.way or way, k_shot=args.shot or shot, q_query=query, episodes=args.episodes, lr=args.lr,
+                  val_every=args.episodes, val_episodes=100, seed=args.seed, device=args.device)
+    if args.data == "omniglot":
+        return TrainConfig(sources=args.source or [str(DATA / "omniglot" / "images_background.zip")],
+                           data_options={"rotations": True}, holdout=5, **common)
+    sources = args.source or [str(DATA / "miniimagenet" / f"train-{i}.zip") for i in range(3)]
+    return TrainConfig(data="folders", sources=sources, val_sources=args.val_source or [str(DATA / "miniimagenet" / "val.zip")],
+                       data_options={"max_per_class": args.max_per_class} if args.max_per_class else {}, **common)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=sorted(TASKS), default="omniglot")
+    parser.add_argument("--source", action="append", help="training data (repeat) [the shared data set]")
+    parser.add_argument("--val-source", action="append", help="miniimagenet: validation data [val.zip]")
+    parser.add_argument("--max-per-class", type=int, help="miniimagenet: first N images per class")
+    parser.add_argument("--methods", default="protonet,film,anil")
+    parser.add_argument("--episodes", type=int, default=10000, help="training episodes, the same for every method")
+    parser.add_argument("--way", type=int, help="training way [60 omniglot, 20 miniimagenet]")
+    parser.add_argument("--shot", type=int, help="training shot [1 omniglot, 5 miniimagenet]")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-episodes", type=int, default=1000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="runs/method-comparison")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = base_config(args)
+    held_out = load_splits(config)[1]
+    if args.data == "omniglot":
+        held_out = upright(held_out)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    report: dict[str, Any] = {
+        "device": f"{device.type}: {name}", "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "data": args.data, "held_out_classes": held_out.num_classes,
+        "training": {"episodes": args.episodes, "way": config.n_way, "shot": config.k_shot, "query": config.q_query,
+                     "lr": args.lr, "schedule": config.schedule, "seed": args.seed},
+        "eval_episodes": args.eval_episodes, "methods": {},
+    }
+    for method in args.methods.split(","):
+        run = TrainConfig(**{**config.to_dict(), "method": method, "method_options": METHOD_OPTIONS[method],
+                             "out": str(out / method)})
+        metrics = train(run, progress_bar=False)
+        trained, _, _, _ = load_checkpoint(out / method / "last.pt", device)
+        results = [evaluate(trained, held_out, n, k, 15, args.eval_episodes, seed=1000 + args.seed, device=device)
+                   for n, k in TASKS[args.data]]
+        report["methods"][method] = {
+            "options": METHOD_OPTIONS[method], "elapsed_s": metrics["elapsed_s"], "episodes_per_s": metrics["episodes_per_s"],
+            "results": {f"{r.n_way}-way {r.k_shot}-shot": [round(100 * r.accuracy, 2), round(100 * r.ci95, 2)] for r in results},
+        }
+        (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(method, json.dumps(report["methods"][method]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

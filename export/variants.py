@@ -1,0 +1,156 @@
+"""Precision variants of the exported encoder, each measured against fp32 before it may ship.
+
+- fp16: onnxruntime's float16 converter (``convert_float_to_float16``, ``keep_io_types``), so inputs and
+  outputs stay float32 and the runtime feeds it like the fp32 encoder.
+- int8: static QDQ quantization (``onnxruntime.quantization.quantize_static``) after
+  ``quant_pre_process``; per-channel int8 weights, int8 activations, min-max ranges calibrated on
+  normalised images of the checkpoint's own training split (a FiLM encoder's film input calibrated
+  with the context of each calibration batch).
+
+``build_variants`` embeds the same 5-way 1-shot validation episodes with the fp32 encoder and each
+variant, and records per precision: accuracy with its 95% CI, the paired delta vs fp32 with its CI,
+and the embeddings' parity (largest absolute and relative difference). A variant that loses more than
+``MAX_ACCURACY_LOSS`` or exceeds its parity tolerance is refused (``VariantRefused``) unless forced.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
+
+from fewshot_edge.data.dataset import FewShotDataset
+from fewshot_edge.episodes import EpisodeSampler
+from fewshot_edge.evaluate import confidence_interval
+from fewshot_edge.runtime import EmbeddingSpec, Engine, FewShotInputError
+from fewshot_edge.runtime.adapters import distances
+from fewshot_edge.runtime.bundle import encoder_role
+from fewshot_edge.runtime.preprocess import normalize
+
+from .calibration import EpisodeEmbedder, _film_episodes, _plain_episodes
+from .onnx import FILM_NAME, INPUT_NAME, FiLMSessions
+
+VARIANTS = ("fp16", "int8")
+MAX_ACCURACY_LOSS = 0.01  # 1 percentage point of 5-way 1-shot accuracy
+PARITY_TOLERANCE = {"fp16": 0.01, "int8": 0.25}  # largest |variant - fp32| / |fp32| of one embedding
+N_WAY, K_SHOT, Q_QUERY = 5, 1, 15
+CALIBRATION_IMAGES, CALIBRATION_BATCH = 512, 32
+
+Encoder = Engine | FiLMSessions
+
+
+class VariantRefused(FewShotInputError):
+    """A precision variant lost too much accuracy or parity against fp32; no bundle is written."""
+
+
+def variant_file(precision: str) -> str:
+    """The bundle file name of a variant: ``encoder.<precision>.onnx`` (role ``encoder.<precision>``)."""
+    return f"{encoder_role(precision)}.onnx"
+
+
+def to_fp16(source: Path, dest: Path) -> dict[str, Any]:
+    """Write the float16 encoder (float32 inputs and outputs) to ``dest``; returns how it was made."""
+    onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(dest))
+    return {"converter": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
+
+
+class _Feeds(CalibrationDataReader):
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def to_int8(source: Path, dest: Path, feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Write the QDQ int8 encoder, calibrated on ``feeds`` (input name -> float32 batch), to ``dest``."""
+    options = {"per_channel": True, "activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8,
+               "calibrate_method": CalibrationMethod.MinMax}
+    with tempfile.TemporaryDirectory(prefix="fewshot-edge-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared))
+        quantize_static(str(prepared), str(dest), _Feeds(feeds), quant_format=QuantFormat.QDQ, **options)
+    return {"tool": "onnxruntime.quantization.quantize_static after quant_pre_process", "format": "QDQ",
+            **{k: str(v).rsplit(".", 1)[-1] if not isinstance(v, bool) else v for k, v in options.items()},
+            "calibration_images": sum(len(f[INPUT_NAME]) for f in feeds)}
+
+
+def calibration_feeds(encoder: Encoder, train: FewShotDataset, images: int = CALIBRATION_IMAGES,
+                      batch: int = CALIBRATION_BATCH, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Batches of normalised training images as the encoder takes them (with each batch's FiLM for a FiLM encoder)."""
+    ids = np.sort(np.random.default_rng(seed).choice(len(train), min(images, len(train)), replace=False))
+    feeds = []
+    for i in range(0, len(ids), batch):
+        x = normalize(train.images[ids[i:i + batch]], train.spec)
+        feeds.append({INPUT_NAME: x, **({FILM_NAME: encoder.context(x)} if isinstance(encoder, FiLMSessions) else {})})
+    return feeds
+
+
+def build_variants(encoder: Encoder, files: dict[str, Path], precisions: Sequence[str], train: FewShotDataset,
+                   validation: FewShotDataset, embedding: EmbeddingSpec, episodes: int = 1000, seed: int = 0,
+                   force: bool = False) -> dict[str, dict[str, Any]]:
+    """Write each variant beside ``files["encoder.onnx"]``, add it to ``files``, measure it; returns the
+    manifest's ``variants`` mapping (fp32's accuracy first). Raises VariantRefused unless ``force``."""
+    source = files["encoder.onnx"]
+    sampler = EpisodeSampler(validation, N_WAY, K_SHOT, Q_QUERY, seed=seed)
+    index = np.stack([sampler.sample().index.cpu().numpy() for _ in range(episodes)])  # (E, n, k + q)
+    described = (f"{episodes} {N_WAY}-way {K_SHOT}-shot validation episodes ({Q_QUERY} queries per class, seed {seed})"
+                 f" on {validation.num_classes} held-out classes")
+    reference = _embed_all(encoder, validation, index)
+    base = _accuracies(reference, embedding)
+    accuracy, ci95 = confidence_interval(base)
+    variants: dict[str, dict[str, Any]] = {"fp32": {"role": "encoder", "accuracy": accuracy, "ci95": ci95, "episodes": described}}
+    for precision in precisions:
+        path = source.with_name(variant_file(precision))
+        method = to_fp16(source, path) if precision == "fp16" else to_int8(source, path, calibration_feeds(encoder, train, seed=seed))
+        variant = FiLMSessions(files["context.onnx"], path) if isinstance(encoder, FiLMSessions) else Engine(path)
+        embedded = _embed_all(variant, validation, index)
+        accuracies = _accuracies(embedded, embedding)
+        entry = {"role": encoder_role(precision), **dict(zip(("accuracy", "ci95"), confidence_interval(accuracies))),
+                 **dict(zip(("delta", "delta_ci95"), confidence_interval(accuracies - base))),
+                 "parity": _parity(reference, embedded, PARITY_TOLERANCE[precision]), "episodes": described, "method": method}
+        if not force:
+            _check(precision, entry, accuracy)
+        files[path.name] = path
+        variants[precision] = entry
+    return variants
+
+
+def _embed_all(encoder: Encoder, data: FewShotDataset, index: np.ndarray) -> np.ndarray:
+    """Embeddings (E, n, k + q, D) of every episode in ``index`` (E, n, k + q)."""
+    embed: EpisodeEmbedder = (_film_episodes(encoder, data) if isinstance(encoder, FiLMSessions)
+                              else _plain_episodes(encoder, data, index))
+    return np.stack([embed(ids, K_SHOT) for ids in index]).astype(np.float64)
+
+
+def _accuracies(embedded: np.ndarray, embedding: EmbeddingSpec) -> np.ndarray:
+    """Per-episode prototype accuracy of the embedded episodes (E, n, k + q, D)."""
+    labels = np.repeat(np.arange(N_WAY), Q_QUERY)
+    return np.array([(distances(e[:, K_SHOT:].reshape(-1, e.shape[-1]), e[:, :K_SHOT].mean(1), embedding.metric)
+                      .argmin(1) == labels).mean() for e in embedded])
+
+
+def _parity(reference: np.ndarray, embedded: np.ndarray, tolerance: float) -> dict[str, float]:
+    diff = embedded - reference
+    relative = np.linalg.norm(diff, axis=-1) / np.maximum(np.linalg.norm(reference, axis=-1), 1e-12)
+    return {"max_abs_diff": float(np.abs(diff).max()), "max_rel_diff": float(relative.max()), "tolerance": tolerance}
+
+
+def _check(precision: str, entry: dict[str, Any], fp32_accuracy: float) -> None:
+    """Refuse a variant past the accuracy-loss limit or its parity tolerance."""
+    parity = entry["parity"]
+    if -entry["delta"] > MAX_ACCURACY_LOSS:
+        raise VariantRefused(
+            f"{precision} encoder loses {100 * -entry['delta']:.2f} points of {N_WAY}-way {K_SHOT}-shot accuracy"
+            f" ({100 * entry['accuracy']:.2f}% vs fp32 {100 * fp32_accuracy:.2f}%), more than {100 * MAX_ACCURACY_LOSS:g};"
+            " no bundle written (force it with --force-variant)")
+    if parity["max_rel_diff"] > parity["tolerance"]:
+        raise VariantRefused(
+            f"{precision} encoder's embeddings differ from fp32's by up to {100 * parity['max_rel_diff']:.1f}%"
+            f" (tolerance {100 * parity['tolerance']:g}%); no bundle written (force it with --force-variant)")

@@ -1,0 +1,123 @@
+"""``info`` and ``build-engine``: what this machine can run a bundle on, and TensorRT engines built on it.
+
+``engine_options`` adds --precision, --backend and --provider to the device commands that run the encoder.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from fewshot_edge.pretrained import default_bundle
+from fewshot_edge.runtime import open_bundle
+from fewshot_edge.runtime.backends import AUTO, BACKENDS, availability, engine_dir, select, tensorrt_missing
+from fewshot_edge.runtime.bundle import PRECISIONS
+
+from .common import InputError, emit_json, main, reports_input_errors
+
+
+def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --precision, --backend, --provider and --engine-dir; the command gets them as one ``engine``
+    dict of ``FewShotModel.open`` arguments."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, precision: str, backend: str, provider: tuple[str, ...], engines: Optional[str], **kwargs: Any) -> Any:
+        if provider and backend != AUTO:
+            raise InputError("give --backend or --provider, not both")
+        return func(*args, engine={"precision": precision, "backend": backend, "providers": list(provider) or None,
+                                   "engines": engines}, **kwargs)
+
+    for option in reversed([
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="Encoder precision: fp32, or a variant the bundle has (export --fp16/--int8)."),
+        click.option("--backend", type=click.Choice((AUTO, *BACKENDS)), default=AUTO, show_default=True,
+                     help="Where the encoder runs; auto = the best this machine can (see fewshot-edge info)."),
+        click.option("--provider", multiple=True, metavar="NAME",
+                     help="Exactly these onnxruntime execution providers, in order (repeatable); instead of --backend."),
+        click.option("--engine-dir", "engines", metavar="DIR", help="Where TensorRT engines are cached [BUNDLE/engines if writable]."),
+    ]):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+@main.command()
+@click.argument("bundle", required=False)
+@click.option("--engine-dir", "engines", metavar="DIR", help="Where TensorRT engines are cached [BUNDLE/engines if writable].")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@reports_input_errors
+def info(bundle: Optional[str], engines: Optional[str], as_json: bool) -> None:
+    """What this machine can run BUNDLE on: its precisions, each backend (and why not), cached engines.
+
+    \b
+    Backends, best first: tensorrt (a TensorRT engine) -> tensorrt-ep (onnxruntime's
+    TensorrtExecutionProvider) -> cuda -> cpu; --backend auto takes the first that can run.
+    """
+    opened = open_bundle(bundle or default_bundle())
+    reasons = availability()
+    cache = engine_dir(opened.path, engines)
+    built = [{"file": p.name, **_sidecar(p)} for p in sorted(cache.glob("*.engine"))] if cache.is_dir() else []
+    report = {
+        "bundle": str(opened.path), "model_id": opened.model_id,
+        "precisions": {p: opened.manifest.variants.get(p, {}) for p in opened.precisions},
+        "backends": {name: {"available": why is None, "reason": why} for name, why in reasons.items()},
+        "auto": select().describe(), "engine_dir": str(cache), "engines": built,
+    }
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(f"bundle      {opened.path} (model {opened.model_id[:12]})")
+    for precision, figures in report["precisions"].items():
+        accuracy = f"5-way 1-shot {100 * figures['accuracy']:.2f}%" if "accuracy" in figures else "accuracy not measured"
+        delta = f" ({100 * figures['delta']:+.2f} vs fp32)" if "delta" in figures else ""
+        click.echo(f"precision   {precision:<5} {accuracy}{delta}")
+    for name, why in reasons.items():
+        click.echo(f"backend     {name:<12} {'yes' if why is None else 'no: ' + why}")
+    click.echo(f"auto picks  {report['auto']}")
+    click.echo(f"engines     {cache}: " + (", ".join(e["file"] for e in built) or "none built"))
+
+
+def _sidecar(engine: Path) -> dict[str, Any]:
+    """The key an engine was built for, from its JSON sidecar ({} when unreadable)."""
+    try:
+        return dict(json.loads(engine.with_suffix(".json").read_text(encoding="utf-8")).get("key", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+@main.command(name="build-engine")
+@click.argument("bundle")
+@click.option("--fp16", "precision", flag_value="fp16", help="FP16 engine (from the fp32 encoder).")
+@click.option("--int8", "precision", flag_value="int8", help="INT8 engine (from the bundle's QDQ int8 encoder).")
+@click.option("--min-batch", default=1, show_default=True, help="Smallest batch of the optimisation profile.")
+@click.option("--opt-batch", default=16, show_default=True, help="Batch TensorRT optimises for.")
+@click.option("--max-batch", default=64, show_default=True, help="Largest batch (bigger ones run in chunks).")
+@click.option("--engine-dir", "engines", metavar="DIR", help="Where engines are cached [BUNDLE/engines if writable].")
+@reports_input_errors
+def build_engine(bundle: str, precision: Optional[str], min_batch: int, opt_batch: int, max_batch: int,
+                 engines: Optional[str]) -> None:
+    """Build (on the target device) and cache a TensorRT engine of BUNDLE's encoder [fp32].
+
+    \b
+    The engine is keyed by model id, TensorRT version, GPU and compute capability, precision and
+    batch profile; an up-to-date one is kept, a stale or foreign one rebuilt. The runtime's
+    tensorrt backend then loads it. Needs tensorrt and cuda-python (JetPack provides TensorRT).
+    """
+    why = tensorrt_missing()
+    if why is not None:
+        raise InputError(f"build-engine needs TensorRT on this machine: {why}")
+    from fewshot_edge.runtime.tensorrt import Profile, cached_engine, engine_key, engine_source
+
+    precision = precision or "fp32"
+    opened = open_bundle(bundle)
+    opened.encoder_file(precision)
+    key = engine_key(opened, precision, Profile(min_batch, opt_batch, max_batch))
+    start = time.perf_counter()
+    path, built = cached_engine(engine_source(opened, precision), key, engine_dir(opened.path, engines))
+    state = f"built in {time.perf_counter() - start:.1f} s" if built else "up to date, kept"
+    click.echo(f"engine {path} ({state})")
+    click.echo(f"  key: {precision}, batch {min_batch}/{opt_batch}/{max_batch}, TensorRT {key.tensorrt_version}, "
+               f"{key.gpu_name} (compute {key.compute_capability}), model {opened.model_id[:12]}")
