@@ -103,7 +103,7 @@ def calibrate(engine: Engine | FiLMSessions, data: FewShotDataset, embedding: Em
     sampler = EpisodeSampler(data, 2 * n_way, max_shot, q_query, seed=seed)
     index = np.stack([sampler.sample().index.cpu().numpy() for _ in range(episodes)])  # (E, 2n, shots + queries)
     shots = np.random.default_rng(seed).permutation(np.arange(episodes) % max_shot + 1)
-    embed_episode = _film_episodes(engine, data) if isinstance(engine, FiLMSessions) else _plain_episodes(engine, data, index)
+    embed_episode = episode_embedder(engine, data, index)
     steps = schedule(finetune["lr_weight"], finetune["lr_bias"]) if finetune is not None else None
     logits, head_logits, known, unknown = [], [], [], []
     for e, k in enumerate(shots):
@@ -128,6 +128,12 @@ def calibrate(engine: Engine | FiLMSessions, data: FewShotDataset, embedding: Em
         open_set=fit_open_set(np.concatenate(known), np.concatenate(unknown), target_false_reject, fitted_on, query_shots),
     )
     return calibration, fit_temperature(np.concatenate(head_logits), labels) if head_logits else None
+
+
+def episode_embedder(engine: Engine | FiLMSessions, data: FewShotDataset, index: np.ndarray) -> EpisodeEmbedder:
+    """How the episodes of ``index`` (E, 2n or n, shots + queries) are embedded: once per image for a plain
+    encoder, per episode under its support's context for a FiLM one."""
+    return _film_episodes(engine, data) if isinstance(engine, FiLMSessions) else _plain_episodes(engine, data, index)
 
 
 def _plain_episodes(engine: Engine, data: FewShotDataset, index: np.ndarray) -> EpisodeEmbedder:

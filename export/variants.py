@@ -33,7 +33,7 @@ from fewshot_edge.runtime.adapters import distances
 from fewshot_edge.runtime.bundle import encoder_role
 from fewshot_edge.runtime.preprocess import normalize
 
-from .calibration import EpisodeEmbedder, _film_episodes, _plain_episodes
+from .calibration import episode_embedder
 from .onnx import FILM_NAME, INPUT_NAME, FiLMSessions
 
 VARIANTS = ("fp16", "int8")
@@ -124,8 +124,7 @@ def build_variants(encoder: Encoder, files: dict[str, Path], precisions: Sequenc
 
 def _embed_all(encoder: Encoder, data: FewShotDataset, index: np.ndarray) -> np.ndarray:
     """Embeddings (E, n, k + q, D) of every episode in ``index`` (E, n, k + q)."""
-    embed: EpisodeEmbedder = (_film_episodes(encoder, data) if isinstance(encoder, FiLMSessions)
-                              else _plain_episodes(encoder, data, index))
+    embed = episode_embedder(encoder, data, index)
     return np.stack([embed(ids, K_SHOT) for ids in index]).astype(np.float64)
 
 
