@@ -164,3 +164,30 @@ def test_bench_all_variants_and_adapt(bundle):
     bad = runner.invoke(main, ["bench", str(bundle.path), "--adapt", "nope", "--quick"])
     assert bad.exit_code == 2 and "does not support adaptation mode 'nope'" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_film_bundle_variants_predict_in_film_mode(tmp_path):
+    source = require_data("omniglot/images_background_small1.zip")[0]
+    config = TrainConfig(sources=[str(source)], data_options={"rotations": True}, holdout=1, method="film",
+                         method_options={"task_dim": 16}, n_way=5, k_shot=1, q_query=2, episodes=2, val_every=2,
+                         val_episodes=3, seed=0, device="cpu", out=str(tmp_path / "run"))
+    train(config, progress_bar=False)
+    bundle = export_bundle(tmp_path / "run" / "last.pt", tmp_path / "bundle", calibration_episodes=10,
+                           precisions=("fp16", "int8"), variant_episodes=30)
+    assert set(bundle.manifest.variants) == {"fp32", "fp16", "int8"} and bundle.file("context").is_file()
+    shots = {c: [np.full((28, 28), 255, np.uint8) for _ in range(2)] for c in ("a", "b")}
+    shots["a"][0][4:24, 12:16] = 0  # a vertical bar
+    shots["a"][1][5:25, 13:17] = 0
+    shots["b"][0][12:16, 4:24] = 0  # a horizontal bar
+    shots["b"][1][13:17, 5:25] = 0
+    query = shots["a"][0].copy()
+    query[4:24, 11:15] = 0
+    labels = {}
+    for precision in ("fp32", "fp16", "int8"):
+        with FewShotModel.open(bundle.path, precision=precision, adapt="film") as model:
+            for label, images in shots.items():
+                model.enroll(label, images)
+            labels[precision] = model.predict([query])[0].top_k[0][0]
+            assert model.adapter.name == "film"
+            assert model.engine.path.name == ("encoder.onnx" if precision == "fp32" else f"encoder.{precision}.onnx")
+    assert labels == {"fp32": "a", "fp16": "a", "int8": "a"}
