@@ -227,3 +227,29 @@ def test_sigkill_during_enrollment_leaves_only_whole_classes(tmp_path):
             assert store.data_version() == len(classes)
             committed = len(classes)
     assert committed > 10
+
+
+def test_a_schema_1_store_is_upgraded_in_place_keeping_its_classes(tmp_path):
+    path = tmp_path / "old.db"
+    with EnrollmentStore.open(path, MODEL) as s:
+        s.add_class("cat", *shots(2))
+    conn = sqlite3.connect(path)  # what a schema-1 runtime wrote: no adapter_state table
+    conn.executescript("DROP TABLE adapter_state; PRAGMA user_version = 1;")
+    conn.close()
+    with EnrollmentStore.open(path, MODEL) as s:
+        assert s.list_classes() == [("cat", 2)]
+        version = s.data_version()
+        s.save_state("finetune:x", version, {"weight": np.eye(2)})
+        np.testing.assert_array_equal(s.load_state("finetune:x", version)["weight"], np.eye(2))
+        assert s.load_state("finetune:x", version + 1) is None and s.data_version() == version  # derived: no bump
+        s.add_shots("cat", *shots(1, seed=1))
+        assert s.load_state("finetune:x", s.data_version()) is None  # the shots changed: the state is stale
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+
+
+def test_state_is_not_saved_for_a_set_that_changed_meanwhile(tmp_path, store):
+    store.add_class("cat", *shots(2))
+    fitted_on = store.data_version()
+    store.add_class("dog", *shots(2, seed=3))  # another process enrolled while the head was being fitted
+    store.save_state("finetune:x", fitted_on, {"weight": np.ones(3)})
+    assert store.load_state("finetune:x", fitted_on) is None
