@@ -72,13 +72,15 @@ class FewShotModel:
         when given; TensorRT engines are cached in ``engines`` (default: beside the bundle).
         """
         bundle = open_bundle(bundle_dir)
-        bundle.encoder_file(precision)  # a precision the bundle lacks fails before the store is touched
+        modes = bundle.manifest.adaptation.modes
+        if adapt is not None:
+            _mode(bundle, adapt, None)  # an unknown mode, like a missing precision or backend, fails before the store is touched
+        film_input = str(modes.get("film", {}).get("film_input", "film"))
+        engine = open_encoder(bundle, precision, backend, providers, threads, film_input, engines)
         bound_to = bundle.model_id if precision == "fp32" else f"{bundle.model_id}+{precision}"
         enrollment = EnrollmentStore.open(store, bound_to, reembed=reembed)
         try:
             mode = _mode(bundle, adapt, enrollment.adaptation)
-            film_input = str(bundle.manifest.adaptation.modes[mode].get("film_input", "film"))
-            engine = open_encoder(bundle, precision, backend, providers, threads, film_input, engines)
             adapter = ADAPTERS[mode](bundle, engine, adapt_options)
             _check_encoder(engine, adapter, bundle)
             if enrollment.needs_reembed:

@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 import pytest
+from PIL import Image
 from click.testing import CliRunner
 from runtime_support import images, make_bundle, weight
 
@@ -162,6 +163,12 @@ def test_without_tensorrt_build_engine_and_backend_tensorrt_are_one_line_errors(
     one_line_exit_2(runner.invoke(main, [*args, "--backend", "tensorrt"]), "backend tensorrt cannot run here: tensorrt is not installed")
     one_line_exit_2(runner.invoke(main, [*args, "--backend", "cpu", "--provider", "CPUExecutionProvider"]),
                     "give --backend or --provider, not both")
+    shot = tmp_path / "shot.png"
+    Image.fromarray(np.full((4, 4), 90, np.uint8)).save(shot)
+    one_line_exit_2(runner.invoke(main, ["enroll", "--bundle", str(tmp_path / "b"), "--store", str(tmp_path / "new.db"),
+                                         "--label", "a", "--backend", "tensorrt", str(shot)]),
+                    "backend tensorrt cannot run here")
+    assert not (tmp_path / "new.db").exists()  # the encoder fails before the store is created
 
 
 @pytest.mark.skipif(not HAS_TENSORRT, reason="tensorrt is not importable on this machine")
