@@ -104,10 +104,11 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, ...], path: str | Pa
 class FiLMSessions:
     """The two FiLM graphs under onnxruntime (CPU): ``context(images) -> film``, ``embed(images, film)``."""
 
-    def __init__(self, context_path: str | Path, encoder_path: str | Path) -> None:
+    def __init__(self, context_path: str | Path, encoder_path: str | Path, disabled_optimizers: Sequence[str] = ()) -> None:
         providers = ["CPUExecutionProvider"]
         self._context = onnxruntime.InferenceSession(str(context_path), providers=providers)
-        self._encoder = onnxruntime.InferenceSession(str(encoder_path), providers=providers)
+        extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
+        self._encoder = onnxruntime.InferenceSession(str(encoder_path), providers=providers, **extra)
 
     def context(self, images: np.ndarray) -> np.ndarray:
         """Flat FiLM (F,) for float32 support images (S, C, H, W)."""

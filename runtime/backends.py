@@ -139,11 +139,13 @@ def announce(selection: Selection) -> None:
 def open_encoder(bundle: Bundle, precision: str = "fp32", backend: str = AUTO, providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None, film_input: str = "film", engines: Union[str, Path, None] = None) -> Engine:
     """The bundle's ``precision`` encoder on ``backend`` ("auto": the best this machine can run, logged),
-    or on exactly ``providers`` when given (an onnxruntime provider list, as before backends existed)."""
+    or on exactly ``providers`` when given (an onnxruntime provider list, as before backends existed).
+    onnxruntime runs a variant without the graph optimizers its manifest entry names (``disabled_optimizers``)."""
+    disabled = tuple(bundle.manifest.variants.get(precision, {}).get("disabled_optimizers", ()))
     if providers is not None:
         if backend != AUTO:
             raise FewShotInputError("give a backend or a provider list, not both")
-        return Engine(bundle.encoder_file(precision), providers, threads, film_input=film_input)
+        return Engine(bundle.encoder_file(precision), providers, threads, film_input=film_input, disabled_optimizers=disabled)
     selection = select(backend)
     announce(selection)
     cache = engine_dir(bundle.path, engines)
@@ -156,4 +158,4 @@ def open_encoder(bundle: Bundle, precision: str = "fp32", backend: str = AUTO, p
 
         source = engine_source(bundle, precision)
         return Engine(source, provider_options(selection.providers, precision, cache / "ort-tensorrt"), threads, film_input=film_input)
-    return Engine(bundle.encoder_file(precision), selection.providers, threads, film_input=film_input)
+    return Engine(bundle.encoder_file(precision), selection.providers, threads, film_input=film_input, disabled_optimizers=disabled)

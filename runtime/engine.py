@@ -21,8 +21,10 @@ DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 Provider = Union[str, tuple[str, dict[str, Any]]]  # a name, or (name, provider options)
 
 
-def _open_session(path: Union[str, Path], providers: Sequence[Provider], threads: Optional[int], what: str) -> ort.InferenceSession:
-    """An optimised session on exactly these providers; a missing provider or unreadable model is a FewShotInputError."""
+def _open_session(path: Union[str, Path], providers: Sequence[Provider], threads: Optional[int], what: str,
+                  disabled_optimizers: Sequence[str] = ()) -> ort.InferenceSession:
+    """An optimised session on exactly these providers, less the named graph optimizers (a model may
+    need one off to run fast); a missing provider or unreadable model is a FewShotInputError."""
     missing = [p for p in (p if isinstance(p, str) else p[0] for p in providers) if p not in ort.get_available_providers()]
     if missing:
         raise FewShotInputError(
@@ -35,7 +37,8 @@ def _open_session(path: Union[str, Path], providers: Sequence[Provider], threads
             raise FewShotInputError(f"threads must be positive, got {threads}")
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers), **extra)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise FewShotInputError(f"cannot load {what} {path}: {reason}") from None
@@ -62,11 +65,12 @@ class Engine:
         threads: Optional[int] = None,
         max_batch: int = 64,
         film_input: str = "film",
+        disabled_optimizers: Sequence[str] = (),
     ) -> None:
         self.path = Path(onnx_path)
         self.providers = list(providers or DEFAULT_PROVIDERS)
         self.threads = threads
-        self._session = _open_session(onnx_path, self.providers, threads, "encoder")
+        self._session = _open_session(onnx_path, self.providers, threads, "encoder", disabled_optimizers)
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         films = [i for i in inputs if i.name == film_input] if len(inputs) == 2 else []
         if len(inputs) != 1 and not films:

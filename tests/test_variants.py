@@ -123,6 +123,12 @@ def test_export_measures_and_records_each_variant(bundle):
         assert entry["delta"] == pytest.approx(entry["accuracy"] - v["fp32"]["accuracy"]) and entry["delta"] >= -0.01
         assert 0 < entry["parity"]["max_rel_diff"] <= entry["parity"]["tolerance"] == PARITY_TOLERANCE[precision]
     assert abs(v["fp16"]["delta"]) <= 0.002 and v["int8"]["method"]["calibration_images"] == 512
+    stem = ["/backbone/blocks.0/conv/Conv", "/backbone/blocks.0/Relu", "/backbone/blocks.0/pool/MaxPool"]
+    assert v["int8"]["method"]["float_nodes"] == stem and v["int8"]["disabled_optimizers"] == ["QDQPropagationTransformer"]
+    int8 = onnx.load(str(bundle.file("encoder.int8")))
+    first = next(n for n in int8.graph.node if n.name == stem[0])
+    assert first.op_type == "Conv" and first.input[0] == "images"  # the stem reads the float image, unquantized
+    assert sum(n.op_type == "Conv" for n in int8.graph.node) == 4 and "disabled_optimizers" not in v["fp16"]
     with FewShotModel.open(bundle.path, precision="int8") as model:
         assert model.engine.path.name == "encoder.int8.onnx"
 
