@@ -203,6 +203,8 @@ class FinetuneAdapter(PrototypeAdapter):
 
     def __init__(self, bundle: Bundle, encoder: Engine, overrides: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__(bundle, encoder, overrides)
+        if self.params.get("init", "prototype") != "prototype":
+            raise FewShotInputError(f"bundle's fine-tune head init {self.params['init']!r} is not supported (this runtime has: prototype)")
         steps = self.params.get("steps")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
             raise FewShotInputError(f"fine-tune steps must be a whole number, 0 or more, got {steps!r}")

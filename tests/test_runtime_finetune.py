@@ -103,6 +103,10 @@ def test_store_remembers_its_mode_and_bad_options_are_errors(bundle, tmp_path):
     ):
         with pytest.raises(FewShotInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
             FewShotModel.open(bundle, adapt=adapt, adapt_options=options)
+    zero_init = make_bundle(tmp_path / "zero", weight(0),
+                            adaptation=Adaptation("finetune", {"finetune": {**FINETUNE, "init": "zero"}})).path
+    with pytest.raises(FewShotInputError, match="fine-tune head init 'zero' is not supported"):
+        FewShotModel.open(zero_init)
 
 
 def test_finetune_works_without_torch(bundle, tmp_path):
