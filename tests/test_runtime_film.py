@@ -142,3 +142,11 @@ assert "torch" not in sys.modules
 
 def test_film_runs_without_torch(tmp_path, bundle):
     assert run_python(NO_TORCH, str(bundle), str(tmp_path / "device.db")).split() == ["light"]
+
+
+def test_bench_adapt_film_times_the_context_refit_beside_prototype(bundle):
+    from fewshot_edge.runtime.bench_compare import compare_modes
+
+    report = compare_modes(bundle, ["film"], runs=20, refits=3)
+    assert list(report["modes"]) == ["prototype", "film"] and report["enrolled"] == "20 classes x 5 shots"
+    assert all(row["refit"]["p50_ms"] > 0 and row["predict"]["p50_ms"] > 0 for row in report["modes"].values())
