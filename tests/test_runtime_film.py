@@ -8,6 +8,7 @@ from runtime_support import (BLOCK_TORCH, DIM, SPEC, embed_by_hand, film_by_hand
                              make_film_bundle, run_python, weight)
 
 from fewshot_edge.runtime import Engine, FewShotInputError, FewShotModel
+from fewshot_edge.runtime.bench_compare import compare_modes
 
 CAT, DOG, BIRD = images(1, 4, center=60), images(2, 3, center=190), images(3, 2, center=120)
 QUERIES = images(4, 2, center=70) + images(5, 2, center=180)
@@ -145,8 +146,6 @@ def test_film_runs_without_torch(tmp_path, bundle):
 
 
 def test_bench_adapt_film_times_the_context_refit_beside_prototype(bundle):
-    from fewshot_edge.runtime.bench_compare import compare_modes
-
     report = compare_modes(bundle, ["film"], runs=20, refits=3)
     assert list(report["modes"]) == ["prototype", "film"] and report["enrolled"] == "20 classes x 5 shots"
     assert all(row["refit"]["p50_ms"] > 0 and row["predict"]["p50_ms"] > 0 for row in report["modes"].values())
