@@ -36,3 +36,18 @@ def omniglot_background() -> Path:
 @pytest.fixture
 def miniimagenet_val() -> Path:
     return require_data("miniimagenet/val.zip")[0]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """Conv-4 ProtoNet trained for a few episodes on Omniglot small1, so BatchNorm has real statistics
+    (shared by the export and precision-variant tests; trained once per session)."""
+    from fewshot_edge.config import TrainConfig
+    from fewshot_edge.train import train
+
+    source = require_data("omniglot/images_background_small1.zip")[0]
+    out = tmp_path_factory.mktemp("run")
+    config = TrainConfig(sources=[str(source)], data_options={"rotations": True}, holdout=1, n_way=5, k_shot=1,
+                         q_query=2, episodes=4, val_every=4, val_episodes=5, seed=0, device="cpu", out=str(out))
+    train(config, progress_bar=False)
+    return out / "best.pt"

@@ -10,7 +10,6 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import require_data
 from onnx import numpy_helper
 
 import fewshot_edge.export.bundle as export_module
@@ -20,18 +19,7 @@ from fewshot_edge.config import TrainConfig
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.export import ParityError, check_parity, export_bundle, export_onnx, fit_open_set, fit_temperature, nll
 from fewshot_edge.runtime import Engine, FewShotInputError, FewShotModel, InputSpec
-from fewshot_edge.train import load_splits, train
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """Conv-4 ProtoNet trained for a few episodes on Omniglot small1, so BatchNorm has real statistics."""
-    source = require_data("omniglot/images_background_small1.zip")[0]
-    out = tmp_path_factory.mktemp("run")
-    config = TrainConfig(sources=[str(source)], data_options={"rotations": True}, holdout=1, n_way=5, k_shot=1,
-                         q_query=2, episodes=4, val_every=4, val_episodes=5, seed=0, device="cpu", out=str(out))
-    train(config, progress_bar=False)
-    return out / "best.pt"
+from fewshot_edge.train import load_splits
 
 
 @pytest.fixture(scope="module")

@@ -96,16 +96,6 @@ def test_manifest_without_variants_stays_as_before(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    source = require_data("omniglot/images_background_small1.zip")[0]
-    out = tmp_path_factory.mktemp("run")
-    config = TrainConfig(sources=[str(source)], data_options={"rotations": True}, holdout=1, n_way=5, k_shot=1,
-                         q_query=2, episodes=4, val_every=4, val_episodes=5, seed=0, device="cpu", out=str(out))
-    train(config, progress_bar=False)
-    return out / "best.pt"
-
-
-@pytest.fixture(scope="module")
 def bundle(checkpoint, tmp_path_factory):
     return export_bundle(checkpoint, tmp_path_factory.mktemp("export") / "bundle", calibration_episodes=20,
                          precisions=("fp16", "int8"), variant_episodes=100)
