@@ -73,14 +73,13 @@ class FewShotModel:
         """
         bundle = open_bundle(bundle_dir)
         modes = bundle.manifest.adaptation.modes
-        if adapt is not None:
-            _mode(bundle, adapt, None)  # an unknown mode, like a missing precision or backend, fails before the store is touched
+        asked = _mode(bundle, adapt, None) if adapt else None  # a bad mode, precision or backend fails before the store is touched
         film_input = str(modes.get("film", {}).get("film_input", "film"))
         engine = open_encoder(bundle, precision, backend, providers, threads, film_input, engines)
         bound_to = bundle.model_id if precision == "fp32" else f"{bundle.model_id}+{precision}"
         enrollment = EnrollmentStore.open(store, bound_to, reembed=reembed)
         try:
-            mode = _mode(bundle, adapt, enrollment.adaptation)
+            mode = asked or _mode(bundle, None, enrollment.adaptation)
             adapter = ADAPTERS[mode](bundle, engine, adapt_options)
             _check_encoder(engine, adapter, bundle)
             if enrollment.needs_reembed:
