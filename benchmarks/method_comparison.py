@@ -22,8 +22,9 @@ import torch
 from fewshot_edge.checkpoint import load_checkpoint
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.data.omniglot import upright
+from fewshot_edge.data.splits import load_splits
 from fewshot_edge.evaluate import evaluate
-from fewshot_edge.train import load_splits, resolve_device, train
+from fewshot_edge.train import resolve_device, train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = {"omniglot": [(5, 1), (5, 5), (20, 1), (20, 5)], "miniimagenet": [(5, 1), (5, 5), (16, 5)]}

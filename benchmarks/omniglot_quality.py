@@ -18,8 +18,9 @@ import torch
 
 from fewshot_edge.checkpoint import load_checkpoint
 from fewshot_edge.config import TrainConfig
+from fewshot_edge.data.splits import load_splits
 from fewshot_edge.evaluate import evaluate
-from fewshot_edge.train import load_splits, resolve_device, train
+from fewshot_edge.train import resolve_device, train
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot" / "images_background.zip"
 TASKS = [(5, 1), (5, 5), (20, 1), (20, 5)]

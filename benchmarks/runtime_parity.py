@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from fewshot_edge.checkpoint import load_checkpoint
+from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import EpisodeSampler
-from fewshot_edge.evaluate import confidence_interval, evaluate
+from fewshot_edge.evaluate import evaluate
 from fewshot_edge.export import export_bundle
 from fewshot_edge.runtime import FewShotModel, InputSpec
-from fewshot_edge.train import load_splits
+from fewshot_edge.runtime.stats import confidence_interval
 
 TARGET_PP = 0.2
 

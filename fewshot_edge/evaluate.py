@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -12,6 +11,7 @@ from tqdm import tqdm
 from fewshot_edge.data.dataset import FewShotDataset
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.methods import FewShotMethod
+from fewshot_edge.runtime.stats import confidence_interval
 
 
 @dataclass
@@ -31,13 +31,6 @@ class EvalResult:
     def __str__(self) -> str:
         return (f"{self.n_way}-way {self.k_shot}-shot: {100 * self.accuracy:.2f}% "
                 f"+- {100 * self.ci95:.2f} (95% CI, {self.episodes} episodes)")
-
-
-def confidence_interval(accuracies: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% CI half-width of per-episode accuracies (normal approximation)."""
-    n = len(accuracies)
-    std = float(accuracies.std(ddof=1)) if n > 1 else 0.0
-    return float(accuracies.mean()), 1.96 * std / math.sqrt(n)
 
 
 @torch.no_grad()

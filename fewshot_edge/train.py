@@ -14,8 +14,7 @@ from tqdm import tqdm
 
 from fewshot_edge.checkpoint import build_method, read_checkpoint, save_checkpoint
 from fewshot_edge.config import TrainConfig
-from fewshot_edge.data import FewShotDataset, load_dataset, split_by_group
-from fewshot_edge.data.omniglot import upright
+from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.evaluate import EvalResult, evaluate_sampler
 
@@ -33,19 +32,6 @@ def autocast_enabled(device: torch.device) -> bool:
     cpu = torch.cpu
     return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def load_splits(config: TrainConfig) -> tuple[FewShotDataset, FewShotDataset]:
-    """(train, validation): validation is ``val_sources`` when given, else held-out groups of the data.
-
-    Rotated Omniglot classes train; validation uses the held-out characters upright, as drawn.
-    """
-    data = load_dataset(config.data, config.sources, **config.data_options)
-    if config.val_sources:
-        train_data, val_data = data, load_dataset(config.data, config.val_sources, **config.data_options)
-    else:
-        train_data, val_data = split_by_group(data, config.holdout_groups or config.holdout, seed=config.seed)
-    return train_data, upright(val_data)
 
 
 def learning_rate(config: TrainConfig, progress: float) -> float:

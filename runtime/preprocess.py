@@ -10,6 +10,7 @@ The training pipeline loads every image through ``to_pixels`` and normalises on 
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -92,13 +93,21 @@ def load_image(source: ImageLike) -> Image.Image:
         path = Path(source)
         if not path.is_file():
             raise FewShotInputError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise FewShotInputError(f"not a readable image: {path} ({exc.__class__.__name__})") from None
+        return decode_image(path)
     raise FewShotInputError(f"unsupported image type: {type(source).__name__}")
+
+
+def decode_image(source: Union[bytes, Path], name: Union[str, Path, None] = None) -> Image.Image:
+    """Decode an image file, or an encoded image's bytes read from ``name``, fully loaded.
+
+    An image that does not decode is a one-line ``FewShotInputError`` naming ``name`` (default: the path).
+    """
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise FewShotInputError(f"not a readable image: {name or source} ({exc.__class__.__name__})") from None
 
 
 def source_hash(source: ImageLike) -> str:

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from fewshot_edge.checkpoint import load_checkpoint
 from fewshot_edge.config import TrainConfig
+from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.export import export_bundle
 from fewshot_edge.methods import ANIL, ProtoNet
@@ -18,7 +19,7 @@ from fewshot_edge.methods.protonet import prototypes
 from fewshot_edge.models import create_backbone
 from fewshot_edge.runtime import FewShotModel, open_bundle
 from fewshot_edge.runtime.finetune import finetune_head, schedule
-from fewshot_edge.train import load_splits, train
+from fewshot_edge.train import train
 from test_film import episode
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fewshot_edge.cli import main
 from fewshot_edge.config import TrainConfig
-from fewshot_edge.train import load_splits
+from fewshot_edge.data.splits import load_splits
 
 
 def run(*args: object, ok: bool = True):

@@ -16,10 +16,10 @@ import fewshot_edge.export.bundle as export_module
 from fewshot_edge.checkpoint import build_method, load_checkpoint
 from fewshot_edge.cli import main
 from fewshot_edge.config import TrainConfig
+from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.export import ParityError, check_parity, export_bundle, export_onnx, fit_open_set, fit_temperature, nll
 from fewshot_edge.runtime import Engine, FewShotInputError, FewShotModel, InputSpec
-from fewshot_edge.train import load_splits
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,13 @@ import torch
 
 from fewshot_edge.checkpoint import build_method, load_checkpoint, save_checkpoint
 from fewshot_edge.config import TrainConfig
+from fewshot_edge.data.splits import load_splits
 from fewshot_edge.export import FiLMSessions, check_parity, export_bundle, export_context_onnx, export_onnx
 from fewshot_edge.methods import FiLMProtoNet
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.runtime import Engine, FewShotModel, InputSpec, open_bundle
 from fewshot_edge.runtime.preprocess import normalize
-from fewshot_edge.train import load_splits, train
+from fewshot_edge.train import train
 
 SPEC = InputSpec(1, 28, 28, mean=(0.5,), std=(0.25,))
 

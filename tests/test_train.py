@@ -10,7 +10,8 @@ from fewshot_edge.checkpoint import load_checkpoint
 from fewshot_edge.cli import main
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.evaluate import evaluate
-from fewshot_edge.train import build_method, load_splits, train
+from fewshot_edge.data.splits import load_splits
+from fewshot_edge.train import build_method, train
 
 
 def small_config(source, out, **kw) -> TrainConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shlex
 import tempfile
 import time
@@ -11,12 +10,14 @@ from typing import Any, Optional, Sequence
 
 import click
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from fewshot_edge import glyphs
 from fewshot_edge.pretrained import default_bundle
 from fewshot_edge.runtime import FewShotModel, Prediction
+from fewshot_edge.runtime.preprocess import decode_image
+from fewshot_edge.runtime.stats import confidence_interval
 
 from .common import InputError, main, reports_input_errors
 from .device import bundle_args
@@ -121,7 +122,7 @@ def omniglot_episodes(bundle_dir: Path, data: str, ways: int, queries: int, epis
             accuracy.append(np.mean([p.top_k[0][0] == f"class-{t}" for p, t in zip(predictions, truth)]))
             unknown += sum(p.label == "unknown" for p in predictions)
             latencies += times
-    mean, ci95 = float(np.mean(accuracy)), 1.96 * float(np.std(accuracy, ddof=1) if episodes > 1 else 0.0) / np.sqrt(episodes)
+    mean, ci95 = confidence_interval(np.asarray(accuracy))
     click.echo(f"{ways}-way 1-shot on {data}: {100 * mean:.2f}% +- {100 * ci95:.2f} (95% CI, {episodes} episodes, "
                f"{queries} queries per class)")
     click.echo(f"answered unknown: {100 * unknown / (episodes * ways * queries):.1f}% of queries (all were of enrolled classes)")
@@ -147,13 +148,5 @@ def _save(image: np.ndarray, path: Path) -> None:
 
 def _sample(files: Sequence[Any], n: int, rng: np.random.Generator) -> list[Image.Image]:
     """``n`` of a character's drawings (``(tree, name)`` files from ``collect``), decoded, in random order."""
-    images = []
-    for i in rng.choice(len(files), n, replace=False):
-        tree, name = files[i]
-        try:
-            with Image.open(io.BytesIO(tree.read(name))) as image:
-                image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise InputError(f"not a readable image: {tree.path}/{name} ({exc.__class__.__name__})") from None
-        images.append(image)
-    return images
+    picked = [files[i] for i in rng.choice(len(files), n, replace=False)]
+    return [decode_image(tree.read(name), f"{tree.path}/{name}") for tree, name in picked]

@@ -8,7 +8,6 @@ depth 1), so a zip with extra top folders reads the same as the tree unpacked at
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sys
@@ -21,12 +20,11 @@ from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from fewshot_edge.imagefiles import is_image_name
 from fewshot_edge.runtime.errors import FewShotInputError
-from fewshot_edge.runtime.preprocess import InputSpec, to_pixels
+from fewshot_edge.runtime.preprocess import InputSpec, decode_image, to_pixels
 
 PathLike = Union[str, Path]
 _CACHE_FORMAT = 1
@@ -138,11 +136,7 @@ def _decode_files(files: list[File], spec: InputSpec, desc: str, workers: int) -
     def work(start: int) -> int:
         chunk = files[start:start + _CHUNK]
         for i, (tree, name) in enumerate(chunk, start):
-            try:
-                with Image.open(io.BytesIO(tree.read(name))) as image:
-                    out[i] = to_pixels(image, spec)
-            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                raise FewShotInputError(f"not a readable image: {tree.path}/{name} ({exc})") from None
+            out[i] = to_pixels(decode_image(tree.read(name), f"{tree.path}/{name}"), spec)
         return len(chunk)
 
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(

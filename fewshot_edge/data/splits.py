@@ -1,4 +1,4 @@
-"""Train / held-out splits that never share a group (an Omniglot alphabet) or a class."""
+"""Train / held-out splits that never share a group (an Omniglot alphabet) or a class; a run's splits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ from typing import Sequence
 
 import numpy as np
 
+from fewshot_edge.config import TrainConfig
+
 from .dataset import FewShotDataset
+from .loaders import load_dataset
+from .omniglot import upright
 
 
 def split_by_group(
@@ -27,6 +31,19 @@ def split_classes(
     count = holdout if isinstance(holdout, (int, np.integer)) else round(holdout * ds.num_classes)
     held = _pick(list(ds.classes), int(count), seed, "class")
     return _partition(ds, [c in held for c in ds.classes])
+
+
+def load_splits(config: TrainConfig) -> tuple[FewShotDataset, FewShotDataset]:
+    """(train, validation): validation is ``val_sources`` when given, else held-out groups of the data.
+
+    Rotated Omniglot classes train; validation uses the held-out characters upright, as drawn.
+    """
+    data = load_dataset(config.data, config.sources, **config.data_options)
+    if config.val_sources:
+        train_data, val_data = data, load_dataset(config.data, config.val_sources, **config.data_options)
+    else:
+        train_data, val_data = split_by_group(data, config.holdout_groups or config.holdout, seed=config.seed)
+    return train_data, upright(val_data)
 
 
 def _pick(units: list[str], holdout: int | Sequence[str], seed: int, what: str) -> set[str]:

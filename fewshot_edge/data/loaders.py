@@ -1,0 +1,24 @@
+"""The data-set loaders by kind (``--data``), and loading one by name."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from ._sources import PathLike
+from .dataset import FewShotDataset
+from .folders import load_image_folders
+from .omniglot import load_omniglot
+
+LOADERS: dict[str, Callable[..., FewShotDataset]] = {
+    "omniglot": load_omniglot,
+    "folders": load_image_folders,
+}
+
+
+def load_dataset(kind: str, sources: PathLike | Sequence[PathLike], **opts: Any) -> FewShotDataset:
+    """Load a data set with the loader registered as ``kind`` (see ``LOADERS``), passing ``opts`` on."""
+    try:
+        loader = LOADERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown data set kind {kind!r}; known: {', '.join(sorted(LOADERS))}") from None
+    return loader(sources, **opts)
