@@ -11,16 +11,26 @@ import torch
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.methods import FewShotMethod, create_method
 from fewshot_edge.models import create_backbone
+from fewshot_edge.runtime.errors import FewShotInputError
 from fewshot_edge.runtime.preprocess import InputSpec
 
 FORMAT = "fewshot-edge-checkpoint"
 VERSION = 1
 
 
-def build_method(config: TrainConfig, spec: InputSpec) -> FewShotMethod:
-    """The method and backbone a config names, for inputs shaped by ``spec``."""
+def build_method(config: TrainConfig, spec: InputSpec, initialize: bool = False) -> FewShotMethod:
+    """The method and backbone a config names, for inputs shaped by ``spec``; with ``initialize`` (a
+    new run) the backbone then takes the weights of ``config.init_from``'s, when the config names one."""
     backbone = create_backbone(config.backbone, spec.channels, spec.height)
-    return create_method(config.method, backbone, **config.method_options)
+    method = create_method(config.method, backbone, **config.method_options)
+    if initialize and config.init_from:
+        source = load_checkpoint(config.init_from)[0].backbone
+        try:
+            backbone.load_state_dict(source.state_dict())
+        except RuntimeError as exc:
+            raise FewShotInputError(f"--init-from {config.init_from}: its backbone does not fit {config.backbone!r}"
+                                    f" ({str(exc).splitlines()[0]})") from None
+    return method
 
 
 def save_checkpoint(path: Path, method: FewShotMethod, config: TrainConfig, spec: InputSpec,

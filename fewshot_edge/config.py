@@ -21,6 +21,7 @@ class TrainConfig:
     backbone: str = "conv4"
     method: str = "protonet"
     method_options: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # a checkpoint whose backbone weights a new run starts from
     n_way: int = 60
     k_shot: int = 5
     q_query: int = 5
@@ -55,6 +56,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Parse a saved config; a FiLM ``init_from`` method option (before 0.2) becomes ``init_from``."""
+        options = d.get("method_options") or {}
+        if "init_from" in options:
+            d = {**d, "init_from": options["init_from"],
+                 "method_options": {k: v for k, v in options.items() if k != "init_from"}}
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

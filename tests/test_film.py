@@ -9,6 +9,7 @@ from fewshot_edge.episodes import Episode
 from fewshot_edge.methods import FiLMProtoNet, ProtoNet, create_method
 from fewshot_edge.methods.film import film_penalty
 from fewshot_edge.models import create_backbone
+from fewshot_edge.runtime.errors import FewShotInputError
 from fewshot_edge.runtime.preprocess import InputSpec
 from fewshot_edge.train import train
 
@@ -146,10 +147,23 @@ def test_starts_from_a_protonet_checkpoint(tmp_path):
     proto.eval()
     ep = episode(4, 2)
     args = (ep.support, ep.support_labels, ep.query, ep.n_way)
-    for film in (FiLMProtoNet.from_protonet(tmp_path / "p.pt", film_l2=0.0),
-                 create_method("film", create_backbone("conv4", 1, 28), init_from=str(tmp_path / "p.pt"))):
-        assert torch.equal(film.eval().logits(*args), proto.logits(*args))
-    assert FiLMProtoNet.from_protonet(tmp_path / "p.pt").options["init_from"] is None  # no path to need later
+    film_config = TrainConfig(method="film", method_options={"film_l2": 0.0}, init_from=str(tmp_path / "p.pt"))
+    film = build_method(film_config, spec, initialize=True)
+    assert torch.equal(film.eval().logits(*args), proto.logits(*args))
+    (tmp_path / "p.pt").unlink()  # rebuilding a trained run (its state loads over it) never reads init_from
+    assert not torch.equal(build_method(film_config, spec).eval().logits(*args), proto.logits(*args))
+
+
+def test_init_from_a_checkpoint_of_another_backbone_is_one_line(tmp_path):
+    config, spec = TrainConfig(backbone="resnet12"), InputSpec(1, 28, 28)
+    save_checkpoint(tmp_path / "r.pt", build_method(config, spec), config, spec)
+    with pytest.raises(FewShotInputError, match=r"--init-from .*r\.pt: its backbone does not fit 'conv4'"):
+        build_method(TrainConfig(method="film", init_from=str(tmp_path / "r.pt")), spec, initialize=True)
+
+
+def test_a_config_with_the_old_film_init_from_option_loads():
+    config = TrainConfig.from_dict({"method": "film", "method_options": {"init_from": "p.pt", "task_dim": 8}})
+    assert config.init_from == "p.pt" and config.method_options == {"task_dim": 8}
 
 
 def test_short_training_run_end_to_end(omniglot_small1, tmp_path):

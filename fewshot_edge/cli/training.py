@@ -2,16 +2,70 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import click
 
+from fewshot_edge.runtime.bundle import METRICS
+
 from .common import InputError, echo_err, emit_json, main, reports_input_errors, require_modules
 
-DATA_KINDS = ["omniglot", "folders"]
+
+class RegistryChoice(click.Choice):
+    """The names in a registry, read when first needed (so other commands never import torch) and on
+    every use (so a method registered later is a choice too); an unknown name is one line, exit 2."""
+
+    def __init__(self, names: Callable[[], Iterable[str]], what: str) -> None:
+        self._names = names
+        self.what = what
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self._names())
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value not in self.choices:
+            raise InputError(f"unknown {self.what} {value!r}; choose from {', '.join(sorted(self.choices))}")
+        return value
+
+
+def _method_registry() -> dict[str, Any]:
+    require_modules("torch")
+    from fewshot_edge.methods import METHODS
+
+    return METHODS
+
+
+def _backbone_names() -> Iterable[str]:
+    require_modules("torch")
+    from fewshot_edge.models import BACKBONES
+
+    return BACKBONES
+
+
+def _data_kinds() -> Iterable[str]:
+    from fewshot_edge.data import LOADERS
+
+    return LOADERS
+
+
+class TrainCommand(click.Command):
+    """``train``: its help ends with every registered method and its ``-O`` options, read from the registry."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        try:
+            methods = _method_registry()
+        except click.ClickException:  # no torch: the command itself says which extra it needs
+            return
+        with formatter.section("Methods (--method) and their options (-O KEY=VALUE)"):
+            for name, method in methods.items():
+                formatter.write_text(f"{name}: {(method.__doc__ or '').strip().splitlines()[0]}")
+                with formatter.indentation():
+                    formatter.write_dl([(f"{o.name}={json.dumps(o.default)}", o.help) for o in method.declared_options()])
+        super().format_epilog(ctx, formatter)
 
 
 def data_options(image_size: int | None, channels: int | None, rotations: bool | None,
@@ -22,12 +76,8 @@ def data_options(image_size: int | None, channels: int | None, rotations: bool |
 
 
 def method_options(method: str, metric: str | None, pairs: Sequence[str]) -> dict[str, Any]:
-    """The options of ``method`` from --metric and KEY=VALUE pairs, checked against its constructor."""
-    from fewshot_edge.methods import METHODS
-
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
-    accepted = [name for name in inspect.signature(METHODS[method]).parameters if name not in ("self", "backbone", "options")]
+    """The options of ``method`` from --metric and KEY=VALUE pairs, checked against those it declares."""
+    accepted = [option.name for option in _method_registry()[method].declared_options()]
     options: dict[str, Any] = {} if metric is None else {"metric": metric}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -39,12 +89,12 @@ def method_options(method: str, metric: str | None, pairs: Sequence[str]) -> dic
             options[key] = text
     unknown = [key for key in options if key not in accepted]
     if unknown:
-        raise InputError(f"method {method!r} has no option {unknown[0]!r} (it takes: {', '.join(accepted)})")
+        raise InputError(f"method {method!r} has no option {unknown[0]!r} (it takes: {', '.join(accepted) or 'none'})")
     return options
 
 
-@main.command()
-@click.option("--data", "data_kind", type=click.Choice(DATA_KINDS), default="omniglot", show_default=True,
+@main.command(cls=TrainCommand)
+@click.option("--data", "data_kind", type=RegistryChoice(_data_kinds, "data set kind"), default="omniglot", show_default=True,
               help="omniglot: the official zips or unpacked tree; folders: a folder or zip per set, a subfolder per class.")
 @click.option("--source", "sources", multiple=True, required=True, type=click.Path(exists=True, dir_okay=True),
               help="Training data (repeat for several zips/folders, e.g. the three miniImageNet shards).")
@@ -56,14 +106,14 @@ def method_options(method: str, metric: str | None, pairs: Sequence[str]) -> dic
 @click.option("--channels", type=click.Choice(["1", "3"]), help="folders only: 1 = grayscale, 3 = RGB [3].")
 @click.option("--rotations/--no-rotations", default=None, help="omniglot only: each 90-degree rotation is its own class.")
 @click.option("--max-per-class", type=int, help="folders only: use the first N images of each class.")
-@click.option("--backbone", default="conv4", show_default=True, help="conv4 | resnet12")
-@click.option("--method", default="protonet", show_default=True, help="Meta-learning method: protonet | film | anil.")
-@click.option("--metric", type=click.Choice(["sqeuclidean", "cosine"]),
-              help="protonet and film: distance of the prototypes [sqeuclidean].")
+@click.option("--backbone", type=RegistryChoice(_backbone_names, "backbone"), default="conv4", show_default=True)
+@click.option("--method", type=RegistryChoice(_method_registry, "method"), default="protonet", show_default=True,
+              help="Meta-learning method (see Methods below).")
+@click.option("--metric", type=click.Choice(METRICS), help="Shorthand for -O metric=... (methods that take it).")
 @click.option("--method-option", "-O", "method_option_args", multiple=True, metavar="KEY=VALUE",
-              help="A method option, repeatable; VALUE is JSON (numbers, true/false) or else text. film: task_dim, "
-                   "film_l2, freeze_backbone, init_from; anil: inner_steps, step_size, per_parameter, first_order, "
-                   "inner_l2, learn_step_sizes.")
+              help="A method option, repeatable; VALUE is JSON (numbers, true/false) or else text (see Methods below).")
+@click.option("--init-from", type=click.Path(exists=True, dir_okay=False),
+              help="Start the backbone from this checkpoint's (e.g. a trained ProtoNet for film).")
 @click.option("--way", default=60, show_default=True, help="Training episodes: classes per episode.")
 @click.option("--shot", default=5, show_default=True, help="Training episodes: support images per class.")
 @click.option("--query", default=5, show_default=True, help="Training episodes: query images per class.")
@@ -91,6 +141,7 @@ def method_options(method: str, metric: str | None, pairs: Sequence[str]) -> dic
 def train(data_kind: str, sources: tuple[str, ...], val_sources: tuple[str, ...], holdout: int,
           holdout_groups: tuple[str, ...], image_size: int | None, channels: str | None, rotations: bool | None,
           max_per_class: int | None, backbone: str, method: str, metric: str | None, method_option_args: tuple[str, ...],
+          init_from: str | None,
           way: int, shot: int, query: int,
           val_way: int, val_shot: int, val_query: int, val_episodes: int, val_every: int, episodes: int,
           time_limit: float | None, lr: float, schedule: str, seed: int, device: str, amp: bool, compile_model: bool, out: str,
@@ -118,6 +169,7 @@ def train(data_kind: str, sources: tuple[str, ...], val_sources: tuple[str, ...]
             holdout=holdout, holdout_groups=list(holdout_groups),
             val_sources=[str(Path(s).resolve()) for s in val_sources],
             backbone=backbone, method=method, method_options=method_options(method, metric, method_option_args),
+            init_from=str(Path(init_from).resolve()) if init_from else None,
             n_way=way, k_shot=shot, q_query=query, val_way=val_way, val_shot=val_shot, val_query=val_query,
             val_episodes=val_episodes, val_every=val_every, episodes=episodes, time_limit=time_limit,
             lr=lr, schedule=schedule, amp=amp, compile=compile_model, seed=seed, device=device, out=out)

@@ -1,24 +1,24 @@
-"""Meta-learning methods by name."""
+"""Meta-learning methods by name: each registers itself with ``register_method``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fewshot_edge.models import Backbone
+from fewshot_edge.runtime.errors import FewShotInputError
 
 from .anil import ANIL
-from .base import FewShotMethod
+from .base import METHODS, FewShotMethod, MethodOption, register_method
 from .film import FiLMProtoNet
 from .protonet import ProtoNet
-
-METHODS: dict[str, type[FewShotMethod]] = {m.name: m for m in (ProtoNet, FiLMProtoNet, ANIL)}
 
 
 def create_method(name: str, backbone: Backbone, **options: Any) -> FewShotMethod:
     """Build a method by registry name around ``backbone``."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
+        raise FewShotInputError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
     return METHODS[name](backbone, **options)
 
 
-__all__ = ["ANIL", "METHODS", "FewShotMethod", "FiLMProtoNet", "ProtoNet", "create_method"]
+__all__ = ["ANIL", "METHODS", "FewShotMethod", "FiLMProtoNet", "MethodOption", "ProtoNet", "create_method",
+           "register_method"]

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from fewshot_edge.models import Backbone
 
-from .base import FewShotMethod
+from .base import FewShotMethod, register_method
 from .protonet import prototypes
 
 Head = dict[str, torch.Tensor]
@@ -59,11 +59,19 @@ def adapt_head(start: Head, x: torch.Tensor, y: torch.Tensor, lr_weight: torch.T
     return head
 
 
+@register_method
 class ANIL(FewShotMethod):
-    """Options: ``inner_steps``; ``step_size`` the initial step sizes; ``per_parameter`` one weight step
-    size per embedding dimension (else one per step); ``first_order``; ``inner_l2``; ``learn_step_sizes``."""
+    """ANIL / Proto-MAML: a linear head started from the prototypes, fine-tuned by a few learned steps."""
 
     name = "anil"
+    option_help = {
+        "inner_steps": "gradient steps of the head's inner loop (the device repeats them)",
+        "step_size": "initial inner-loop step sizes",
+        "per_parameter": "one weight step size per embedding dimension (else one per step)",
+        "first_order": "treat the inner gradients as constants (no second-order terms)",
+        "inner_l2": "weight of l2/2 |head - prototype head|^2 in the inner loss",
+        "learn_step_sizes": "meta-learn the step sizes (else keep step_size)",
+    }
 
     def __init__(self, backbone: Backbone, inner_steps: int = 5, step_size: float = 0.001, per_parameter: bool = False,
                  first_order: bool = False, inner_l2: float = 0.0, learn_step_sizes: bool = True) -> None:

@@ -8,7 +8,6 @@ and the method starts as a ProtoNet.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -19,6 +18,7 @@ from fewshot_edge.models import Backbone
 from fewshot_edge.models.backbones import ConvBlock, FiLM
 
 from .base import query_loss
+from .base import register_method
 from .protonet import ProtoNet
 
 
@@ -66,40 +66,30 @@ def _first_conv_channels(backbone: nn.Module) -> int:
     return next(m for m in backbone.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
-def _backbone_state(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
-    from fewshot_edge.checkpoint import load_checkpoint  # lazily: checkpoint imports the method registry
-    return load_checkpoint(checkpoint_path)[0].backbone.state_dict()
-
-
+@register_method
 class FiLMProtoNet(ProtoNet):
     """ProtoNet over a backbone modulated per task by FiLM predicted from the support set.
 
-    Options: ``metric`` as ProtoNet; ``task_dim`` the context width; ``film_l2`` the weight of the
-    FiLM penalty in the loss; ``freeze_backbone`` trains only the context (and the cosine scale),
-    keeping the backbone's BatchNorm in eval mode; ``init_from`` a checkpoint (e.g. a trained
-    ProtoNet) whose backbone weights are loaded at construction, so the file must exist whenever
-    the method is rebuilt from a config naming it (``from_protonet`` records no path).
+    To start from a trained ProtoNet, train with ``--init-from`` its checkpoint (the backbone's
+    weights are loaded after the method is built); ``freeze_backbone`` then trains only the context.
     """
 
     name = "film"
+    option_help = {
+        **ProtoNet.option_help,
+        "task_dim": "width of the context encoder",
+        "film_l2": "weight of the FiLM penalty (squared offsets from identity) in the loss",
+        "freeze_backbone": "train only the context (and the cosine scale); the backbone's BatchNorm stays in eval mode",
+    }
 
     def __init__(self, backbone: Backbone, metric: str = "sqeuclidean", task_dim: int = 64, film_l2: float = 1e-3,
-                 freeze_backbone: bool = False, init_from: str | None = None) -> None:
-        super().__init__(backbone, metric=metric, task_dim=task_dim, film_l2=film_l2,
-                         freeze_backbone=freeze_backbone, init_from=init_from)
-        if init_from is not None:
-            backbone.load_state_dict(_backbone_state(init_from))
+                 freeze_backbone: bool = False) -> None:
+        super().__init__(backbone, metric=metric, task_dim=task_dim, film_l2=film_l2, freeze_backbone=freeze_backbone)
         self.context = TaskContext(_first_conv_channels(backbone), backbone.block_channels, task_dim)
         self.film_l2 = film_l2
         self.freeze_backbone = freeze_backbone
         backbone.requires_grad_(not freeze_backbone)
         self.train()  # a given backbone may be in eval mode; a frozen one stays there
-
-    @classmethod
-    def from_protonet(cls, checkpoint_path: str | Path, **options: Any) -> "FiLMProtoNet":
-        """A FiLM method around the trained backbone of a checkpoint (its architecture included)."""
-        from fewshot_edge.checkpoint import load_checkpoint
-        return cls(load_checkpoint(checkpoint_path)[0].backbone, **options)
 
     def train(self, mode: bool = True) -> "FiLMProtoNet":
         super().train(mode)

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from fewshot_edge.models import Backbone
 
-from .base import FewShotMethod
+from .base import FewShotMethod, register_method
 
 
 def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
@@ -28,10 +28,12 @@ def squared_distances(queries: torch.Tensor, protos: torch.Tensor) -> torch.Tens
     return (queries[:, None, :] - protos[None, :, :]).pow(2).sum(-1)
 
 
+@register_method
 class ProtoNet(FewShotMethod):
     """Logits are -squared Euclidean distance to prototypes, or a learnable scale times cosine."""
 
     name = "protonet"
+    option_help = {"metric": "distance to the prototypes: sqeuclidean, or cosine with a learned scale"}
 
     def __init__(self, backbone: Backbone, metric: str = "sqeuclidean", **options: Any) -> None:
         if metric not in ("sqeuclidean", "cosine"):

@@ -6,10 +6,12 @@ Every backbone maps (N, C, H, W) normalised images to (N, out_dim) embeddings an
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
+
+from fewshot_edge.runtime.errors import FewShotInputError
 
 FiLM = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -69,6 +71,17 @@ class Backbone(nn.Module):
         return x.mean(dim=(2, 3)) if self.global_pool else x.flatten(1)
 
 
+BACKBONES: dict[str, Callable[..., Backbone]] = {}
+B = TypeVar("B", bound=Callable[..., Backbone])
+
+
+def register_backbone(builder: B) -> B:
+    """Decorator: make a backbone builder ``(in_channels, image_size) -> Backbone`` available by its name."""
+    BACKBONES[builder.__name__] = builder
+    return builder
+
+
+@register_backbone
 def conv4(in_channels: int, image_size: int, width: int = 64) -> Backbone:
     """The standard Conv-4: four 64-filter blocks; 28 px -> 64-d, 84 px -> 1600-d."""
     side = image_size
@@ -80,6 +93,7 @@ def conv4(in_channels: int, image_size: int, width: int = 64) -> Backbone:
     return Backbone(blocks, [width] * 4, width * side * side, global_pool=False)
 
 
+@register_backbone
 def resnet12(in_channels: int, image_size: int, widths: Sequence[int] = (64, 160, 320, 640)) -> Backbone:
     """The few-shot ResNet-12 (Lee et al. 2019): four residual blocks, global average pooling."""
     if image_size < 16:
@@ -89,11 +103,8 @@ def resnet12(in_channels: int, image_size: int, widths: Sequence[int] = (64, 160
     return Backbone(blocks, list(widths), widths[-1], global_pool=True)
 
 
-BACKBONES: dict[str, Callable[..., Backbone]] = {"conv4": conv4, "resnet12": resnet12}
-
-
 def create_backbone(name: str, in_channels: int, image_size: int) -> Backbone:
     """Build a backbone by registry name."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(sorted(BACKBONES))}")
+        raise FewShotInputError(f"unknown backbone {name!r}; choose from {', '.join(sorted(BACKBONES))}")
     return BACKBONES[name](in_channels, image_size)
