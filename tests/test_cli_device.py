@@ -15,7 +15,7 @@ from PIL import Image
 from runtime_support import BLOCK_TORCH, images, make_bundle, weight
 
 from fewshot_edge.cli import main
-from fewshot_edge.cli.device import format_bench, pytorch_figures
+from fewshot_edge.cli.bench import format_bench, pytorch_figures
 from fewshot_edge.runtime import FewShotInputError, FewShotModel, InputSpec
 from fewshot_edge.runtime.bench import run_benchmark
 

@@ -21,10 +21,11 @@ from fewshot_edge.runtime.stats import confidence_interval
 
 from .common import InputError, main, reports_input_errors
 from .device import bundle_args
+from .options import bundle_option
 
 
 @main.command()
-@click.option("--bundle", metavar="DIR", help="Bundle folder [the pretrained Omniglot Conv-4].")
+@bundle_option
 @click.option("--data", metavar="ZIP", help="An Omniglot zip (or the same tree unpacked): run N-way 1-shot "
                                        "episodes on its characters instead of drawn symbols.")
 @click.option("--ways", default=5, metavar="N", show_default=True, help="Classes to enroll, one shot each.")

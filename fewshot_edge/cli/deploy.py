@@ -1,52 +1,25 @@
-"""``info`` and ``build-engine``: what this machine can run a bundle on, and TensorRT engines built on it.
-
-``engine_options`` adds --precision, --backend and --provider to the device commands that run the encoder.
-"""
+"""``info`` and ``build-engine``: what this machine can run a bundle on, and TensorRT engines built on it."""
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import click
 
 from fewshot_edge.pretrained import default_bundle
 from fewshot_edge.runtime import open_bundle
-from fewshot_edge.runtime.backends import AUTO, BACKENDS, availability, engine_dir, select, tensorrt_missing
-from fewshot_edge.runtime.bundle import PRECISIONS
+from fewshot_edge.runtime.backends import availability, engine_dir, select, tensorrt_missing
 
 from .common import InputError, emit_json, main, reports_input_errors
-
-
-def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --precision, --backend, --provider and --engine-dir; the command gets them as one ``engine``
-    dict of ``FewShotModel.open`` arguments."""
-    @functools.wraps(func)
-    def wrapper(*args: Any, precision: str, backend: str, provider: tuple[str, ...], engines: Optional[str], **kwargs: Any) -> Any:
-        if provider and backend != AUTO:
-            raise InputError("give --backend or --provider, not both")
-        return func(*args, engine={"precision": precision, "backend": backend, "providers": list(provider) or None,
-                                   "engines": engines}, **kwargs)
-
-    for option in reversed([
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-                     help="Encoder precision: fp32, or a variant the bundle has (export --fp16/--int8)."),
-        click.option("--backend", type=click.Choice((AUTO, *BACKENDS)), default=AUTO, show_default=True,
-                     help="Where the encoder runs; auto = the best this machine can (see fewshot-edge info)."),
-        click.option("--provider", multiple=True, metavar="NAME",
-                     help="Exactly these onnxruntime execution providers, in order (repeatable); instead of --backend."),
-        click.option("--engine-dir", "engines", metavar="DIR", help="Where TensorRT engines are cached [BUNDLE/engines if writable]."),
-    ]):
-        wrapper = option(wrapper)
-    return wrapper
+from .options import engine_dir_option
 
 
 @main.command()
 @click.argument("bundle", required=False)
-@click.option("--engine-dir", "engines", metavar="DIR", help="Where TensorRT engines are cached [BUNDLE/engines if writable].")
+@engine_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @reports_input_errors
 def info(bundle: Optional[str], engines: Optional[str], as_json: bool) -> None:
@@ -95,7 +68,7 @@ def _sidecar(engine: Path) -> dict[str, Any]:
 @click.option("--min-batch", default=1, show_default=True, help="Smallest batch of the optimisation profile.")
 @click.option("--opt-batch", default=16, show_default=True, help="Batch TensorRT optimises for.")
 @click.option("--max-batch", default=64, show_default=True, help="Largest batch (bigger ones run in chunks).")
-@click.option("--engine-dir", "engines", metavar="DIR", help="Where engines are cached [BUNDLE/engines if writable].")
+@engine_dir_option
 @reports_input_errors
 def build_engine(bundle: str, precision: Optional[str], min_batch: int, opt_batch: int, max_batch: int,
                  engines: Optional[str]) -> None:
