@@ -14,9 +14,12 @@ from tqdm import tqdm
 
 from fewshot_edge.checkpoint import build_method, read_checkpoint, save_checkpoint
 from fewshot_edge.config import TrainConfig
+from fewshot_edge.data.dataset import FewShotDataset
 from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.evaluate import EvalResult, evaluate_sampler
+from fewshot_edge.methods import FewShotMethod
+from fewshot_edge.runtime.preprocess import InputSpec
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,6 +41,79 @@ def learning_rate(config: TrainConfig, progress: float) -> float:
     if config.schedule == "constant":
         return config.lr
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+LOG_EVERY = 50  # episodes per progress-bar update; each update syncs the device
+
+
+class Meter:
+    """Loss and accuracy summed on the device over a window of episodes, and the run's steady throughput.
+
+    Steady throughput counts from the end of the first window (so warm-up and compilation are left out)
+    and leaves out the time spent validating.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.acc = torch.zeros((), device=device)
+        self.window, self.window_t = 0, time.perf_counter()
+        self.steady_from: tuple[int, float] | None = None  # (episode, time) at the end of the first window
+        self.val_seconds = 0.0
+
+    def add(self, loss: torch.Tensor, acc: torch.Tensor) -> None:
+        self.loss += loss.detach()
+        self.acc += acc.detach()
+        self.window += 1
+
+    def report(self, bar: tqdm, episode: int, val: EvalResult | None) -> None:
+        """Show the window's mean loss, accuracy and speed on ``bar`` (syncs the device); start a new window."""
+        mean_loss, mean_acc = self.loss.item() / self.window, self.acc.item() / self.window
+        now = time.perf_counter()
+        bar.set_postfix(eps=f"{self.window / (now - self.window_t):.1f}/s", loss=f"{mean_loss:.3f}",
+                        acc=f"{mean_acc:.3f}", val=f"{val.accuracy:.4f}" if val else "-")
+        bar.update(self.window)
+        self.loss.zero_()
+        self.acc.zero_()
+        self.window, self.window_t = 0, now
+        self.steady_from = self.steady_from or (episode, now)
+
+    def validated(self, seconds: float) -> None:
+        if self.steady_from:
+            self.val_seconds += seconds
+
+    def steady_rate(self, episode: int, end: float) -> float | None:
+        """Episodes per second in steady state up to ``episode`` at time ``end``; None before it began."""
+        if not self.steady_from or episode <= self.steady_from[0]:
+            return None
+        start_episode, start = self.steady_from
+        return round((episode - start_episode) / max(end - start - self.val_seconds, 1e-9), 2)
+
+
+class Checkpoints:
+    """A run's validation history and best result; best.pt keeps the best model, last.pt all to resume."""
+
+    def __init__(self, out: Path, config: TrainConfig, spec: InputSpec) -> None:
+        self.out, self.config, self.spec = out, config, spec
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"accuracy": -1.0}
+
+    def record(self, result: EvalResult, episode: int, elapsed: float, method: FewShotMethod,
+               optimizer: torch.optim.Optimizer, sampler: EpisodeSampler) -> None:
+        """Add ``result`` to the history, save best.pt when it is the best so far, and always last.pt."""
+        self.history.append({"episode": episode, "elapsed_s": round(elapsed, 1), **result.to_dict()})
+        if result.accuracy > self.best["accuracy"]:
+            self.best.update(result.to_dict(), episode=episode)
+            save_checkpoint(self.out / "best.pt", method, self.config, self.spec, episode=episode, best=self.best)
+        save_checkpoint(self.out / "last.pt", method, self.config, self.spec, episode=episode, elapsed=elapsed,
+                        optimizer=optimizer.state_dict(), generator=sampler.generator.get_state(),
+                        history=self.history, best=self.best)
+
+
+def validate(method: FewShotMethod, val_data: FewShotDataset, config: TrainConfig, device: torch.device
+             ) -> EvalResult:
+    """Accuracy on ``config.val_episodes`` validation episodes, the same episodes every time."""
+    sampler = EpisodeSampler(val_data, config.val_way, config.val_shot, config.val_query, config.seed + 1, device)
+    return evaluate_sampler(method, sampler, config.val_episodes)
 
 
 def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: bool | None = None
@@ -63,9 +139,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
     optimizer = torch.optim.Adam(method.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=device.type == "cuda")
     sampler = EpisodeSampler(train_data, config.n_way, config.k_shot, config.q_query, config.seed, device)
-    val_sampler_args = (val_data, config.val_way, config.val_shot, config.val_query, config.seed + 1, device)
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"accuracy": -1.0}
+    checkpoints = Checkpoints(out, config, train_data.spec)
     start_episode, elapsed_before = 0, 0.0
     if resume is not None:
         payload = read_checkpoint(resume, device)
@@ -73,19 +147,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
         optimizer.load_state_dict(payload["optimizer"])
         sampler.generator.set_state(payload["generator"].cpu())
         start_episode, elapsed_before = int(payload["episode"]), float(payload["elapsed"])
-        history, best = payload["history"], payload["best"]
-
-    def validate(episode: int, elapsed: float) -> EvalResult:
-        """Validate, keep the best checkpoint, and write last.pt so a crashed run can be resumed."""
-        result = evaluate_sampler(method, EpisodeSampler(*val_sampler_args), config.val_episodes)
-        history.append({"episode": episode, "elapsed_s": round(elapsed, 1), **result.to_dict()})
-        if result.accuracy > best["accuracy"]:
-            best.update(result.to_dict(), episode=episode)
-            save_checkpoint(out / "best.pt", method, config, train_data.spec, episode=episode, best=best)
-        save_checkpoint(out / "last.pt", method, config, train_data.spec, episode=episode, elapsed=elapsed,
-                        optimizer=optimizer.state_dict(), generator=sampler.generator.get_state(),
-                        history=history, best=best)
-        return result
+        checkpoints.history, checkpoints.best = payload["history"], payload["best"]
 
     amp = config.amp and autocast_enabled(device)
     limit_s = config.time_limit * 60 if config.time_limit else math.inf
@@ -93,11 +155,8 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
     bar = tqdm(total=config.episodes, initial=start_episode, disable=not show, dynamic_ncols=True)
     method.train()
     t0 = time.perf_counter() - elapsed_before
-    loss_sum = torch.zeros((), device=device)
-    acc_sum = torch.zeros((), device=device)
-    window, window_t, episode = 0, time.perf_counter(), start_episode
-    steady_from: tuple[int, float] | None = None  # (episode, time) after the first window: warm-up excluded
-    val_seconds = 0.0
+    meter = Meter(device)
+    episode = start_episode
     val_result: EvalResult | None = None
     while episode < config.episodes:
         elapsed = time.perf_counter() - t0
@@ -110,38 +169,29 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach()
-        acc_sum += acc.detach()
+        meter.add(loss, acc)
         episode += 1
-        window += 1
-        if window == 50 or episode == config.episodes:
-            mean_loss, mean_acc = loss_sum.item() / window, acc_sum.item() / window  # syncs the device
-            now = time.perf_counter()
-            bar.set_postfix(eps=f"{window / (now - window_t):.1f}/s", loss=f"{mean_loss:.3f}",
-                            acc=f"{mean_acc:.3f}", val=f"{val_result.accuracy:.4f}" if val_result else "-")
-            bar.update(window)
-            loss_sum.zero_()
-            acc_sum.zero_()
-            window, window_t = 0, now
-            steady_from = steady_from or (episode, now)
+        if meter.window == LOG_EVERY or episode == config.episodes:
+            meter.report(bar, episode, val_result)
         if episode % config.val_every == 0:
             v0 = time.perf_counter()
-            val_result = validate(episode, v0 - t0)
-            if steady_from:
-                val_seconds += time.perf_counter() - v0
+            val_result = validate(method, val_data, config, device)
+            checkpoints.record(val_result, episode, v0 - t0, method, optimizer, sampler)
+            meter.validated(time.perf_counter() - v0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     loop_end = time.perf_counter()
-    bar.update(window)
+    bar.update(meter.window)
     bar.close()
+
     elapsed = loop_end - t0
+    history = checkpoints.history
     if not history or history[-1]["episode"] != episode:
-        validate(episode, elapsed)
+        checkpoints.record(validate(method, val_data, config, device), episode, elapsed, method, optimizer, sampler)
     metrics = {"episodes": episode, "elapsed_s": round(elapsed, 3),
                "episodes_per_s": round((episode - start_episode) / max(elapsed - elapsed_before, 1e-9), 2),
-               "steady_episodes_per_s": round((episode - steady_from[0]) / max(loop_end - steady_from[1] - val_seconds, 1e-9), 2)
-               if steady_from and episode > steady_from[0] else None,
-               "device": str(device), "best": best, "history": history,
+               "steady_episodes_per_s": meter.steady_rate(episode, loop_end),
+               "device": str(device), "best": checkpoints.best, "history": history,
                "train_classes": train_data.num_classes, "val_classes": val_data.num_classes}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
