@@ -77,7 +77,11 @@ def test_import_stays_light() -> None:
     assert not heavy and "importlib.metadata" not in loaded, loaded
 
 
-def _run(*args: str | Path, cwd: Path) -> str:
+PIP = [sys.executable, "-m", "pip"]
+OFFLINE = ["--no-deps", "--no-index", "-q"]
+
+
+def _run(args: list[str | Path], cwd: Path) -> str:
     proc = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(map(str, args))}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -110,8 +114,7 @@ def test_installed_package_ships_py_typed_and_licence(tmp_path: Path) -> None:
             shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(path, src / name)
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-         "-w", tmp_path / "dist", src, cwd=tmp_path)
+    _run([*PIP, "wheel", *OFFLINE, "--no-build-isolation", "-w", tmp_path / "dist", src], cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("fewshot_edge-*.whl")
     version = pyproject_version()
     with zipfile.ZipFile(wheel) as zf:
@@ -121,8 +124,8 @@ def test_installed_package_ships_py_typed_and_licence(tmp_path: Path) -> None:
         assert package.replace(".", "/") + "/py.typed" in names, package
 
     # The sdist carries them too (whoever rebuilds from it, e.g. a distribution, gets the same files).
-    sdist_name = _run(sys.executable, "-c", "import sys; from setuptools.build_meta import build_sdist; "
-                      "print(build_sdist(sys.argv[1]))", tmp_path / "sdist", cwd=src).strip().splitlines()[-1]
+    build_sdist = "import sys; from setuptools.build_meta import build_sdist; print(build_sdist(sys.argv[1]))"
+    sdist_name = _run([sys.executable, "-c", build_sdist, tmp_path / "sdist"], cwd=src).split()[-1]
     with tarfile.open(tmp_path / "sdist" / sdist_name) as tf:
         members = {name.split("/", 1)[1] for name in tf.getnames() if "/" in name}
     assert {"LICENSE", "runtime/py.typed", "export/py.typed", "fewshot_edge/py.typed"} <= members
@@ -131,16 +134,17 @@ def test_installed_package_ships_py_typed_and_licence(tmp_path: Path) -> None:
     env = tmp_path / "venv"
     venv.create(env, with_pip=False, symlinks=sys.platform != "win32")
     python = env / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
-    _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel,
-         cwd=tmp_path)
+    _run([*PIP, "--python", python, "install", *OFFLINE, wheel], cwd=tmp_path)
 
     # Borrow the runtime's dependencies, after the fresh site-packages so the installed package wins.
-    purelib = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip())
+    purelib = Path(
+        _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).strip()
+    )
     deps = {str(Path(importlib.util.find_spec(m).origin).parent.parent) for m in ("numpy", "onnxruntime", "PIL")}
     (purelib / "borrowed_dependencies.pth").write_text("\n".join(sorted(deps)) + "\n", encoding="utf-8")
 
     # -I: neither the working directory nor PYTHONPATH can put the checkout on the path.
-    report = json.loads(_run(python, "-I", "-c", _PROBE, *TYPED_PACKAGES, cwd=tmp_path))
+    report = json.loads(_run([python, "-I", "-c", _PROBE, *TYPED_PACKAGES], cwd=tmp_path))
     prefix = Path(report["prefix"]).resolve()
     assert report["version"] == version
     for package, where in report["packages"].items():
