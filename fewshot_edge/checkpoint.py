@@ -51,11 +51,11 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise ValueError(f"not a readable checkpoint: {path} ({exc.__class__.__name__})") from None
+        raise FewShotInputError(f"not a readable checkpoint: {path} ({exc.__class__.__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"not a fewshot-edge checkpoint: {path}")
+        raise FewShotInputError(f"not a fewshot-edge checkpoint: {path}")
     if payload.get("version") != VERSION:
-        raise ValueError(f"unsupported checkpoint version {payload.get('version')} in {path}")
+        raise FewShotInputError(f"unsupported checkpoint version {payload.get('version')} in {path}")
     return payload
 
 

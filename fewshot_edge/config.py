@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fewshot_edge.runtime.errors import FewShotInputError
+
 
 @dataclass
 class TrainConfig:
@@ -43,13 +45,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+            raise FewShotInputError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         for name in ("n_way", "k_shot", "q_query", "val_way", "val_shot", "val_query", "val_episodes",
                      "val_every", "episodes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise FewShotInputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.time_limit is not None and self.time_limit <= 0:
-            raise ValueError(f"time_limit must be positive minutes, got {self.time_limit}")
+            raise FewShotInputError(f"time_limit must be positive minutes, got {self.time_limit}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,7 +66,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+            raise FewShotInputError(f"unknown config keys: {', '.join(sorted(unknown))}")
         return cls(**d)
 
     def save(self, path: Path) -> None:

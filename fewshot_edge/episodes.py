@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from fewshot_edge.data.dataset import FewShotDataset
+from fewshot_edge.runtime.errors import FewShotInputError
 
 
 @dataclass
@@ -34,10 +35,10 @@ class EpisodeSampler:
                  seed: int = 0, device: str | torch.device = "cpu") -> None:
         counts = dataset.class_counts()
         if n_way > dataset.num_classes:
-            raise ValueError(f"{n_way}-way episodes need {n_way} classes; the data set has {dataset.num_classes}")
+            raise FewShotInputError(f"{n_way}-way episodes need {n_way} classes; the data set has {dataset.num_classes}")
         eligible = np.flatnonzero(counts >= k_shot + q_query)
         if len(eligible) < n_way:
-            raise ValueError(f"only {len(eligible)} classes have the {k_shot + q_query} images a "
+            raise FewShotInputError(f"only {len(eligible)} classes have the {k_shot + q_query} images a "
                              f"{k_shot}-shot {q_query}-query episode needs; {n_way} are required")
         self.device = torch.device(device)
         self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query

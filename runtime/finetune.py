@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .errors import FewShotInputError
+
 
 def prototype_head(protos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(W, b) = (2c, -|c|^2) for prototypes c (C, D), in float64."""
@@ -29,12 +31,12 @@ def schedule(lr_weight: Sequence[Sequence[float]], lr_bias: Sequence[float],
     w, b = np.asarray(lr_weight, dtype=np.float64), np.asarray(lr_bias, dtype=np.float64)
     trained = len(b)
     if w.ndim != 2 or len(w) != trained:
-        raise ValueError(f"lr_weight must be (steps, 1 or D) with one row per lr_bias entry, got {w.shape} and {b.shape}")
+        raise FewShotInputError(f"lr_weight must be (steps, 1 or D) with one row per lr_bias entry, got {w.shape} and {b.shape}")
     steps = trained if steps is None else steps
     if steps < 0:
-        raise ValueError(f"steps must be 0 or more, got {steps}")
+        raise FewShotInputError(f"steps must be 0 or more, got {steps}")
     if steps > trained and trained == 0:
-        raise ValueError("this model learned no fine-tune steps, so it has no step size to repeat")
+        raise FewShotInputError("this model learned no fine-tune steps, so it has no step size to repeat")
     keep = np.minimum(np.arange(steps), trained - 1)
     return w[keep], b[keep]
 

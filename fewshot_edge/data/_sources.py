@@ -72,7 +72,7 @@ def open_sources(sources: PathLike | Sequence[PathLike]) -> Iterator[list[_Tree]
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if not sources:
-        raise ValueError("no data sources given")
+        raise FewShotInputError("no data sources given")
     trees: list[_Tree] = []
     try:
         for source in sources:

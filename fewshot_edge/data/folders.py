@@ -32,7 +32,7 @@ def load_image_folders(
     in that order. A class found in two sources is an error. Caching as in ``load_omniglot``.
     """
     if max_per_class is not None and max_per_class < 1:
-        raise ValueError(f"max_per_class must be positive, got {max_per_class}")
+        raise FewShotInputError(f"max_per_class must be positive, got {max_per_class}")
     rgb = channels == 3
     spec = InputSpec(
         channels=channels, height=size, width=size,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from fewshot_edge.runtime.errors import FewShotInputError
+
 from ._sources import PathLike
 from .dataset import FewShotDataset
 from .folders import load_image_folders
@@ -20,5 +22,5 @@ def load_dataset(kind: str, sources: PathLike | Sequence[PathLike], **opts: Any)
     try:
         loader = LOADERS[kind]
     except KeyError:
-        raise ValueError(f"unknown data set kind {kind!r}; known: {', '.join(sorted(LOADERS))}") from None
+        raise FewShotInputError(f"unknown data set kind {kind!r}; known: {', '.join(sorted(LOADERS))}") from None
     return loader(sources, **opts)

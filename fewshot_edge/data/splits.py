@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from fewshot_edge.config import TrainConfig
+from fewshot_edge.runtime.errors import FewShotInputError
 
 from .dataset import FewShotDataset
 from .loaders import load_dataset
@@ -49,15 +50,15 @@ def load_splits(config: TrainConfig) -> tuple[FewShotDataset, FewShotDataset]:
 def _pick(units: list[str], holdout: int | Sequence[str], seed: int, what: str) -> set[str]:
     if isinstance(holdout, (int, np.integer)):
         if not 1 <= holdout < len(units):
-            raise ValueError(f"can hold out 1 to {len(units) - 1} of {len(units)} {what}s, not {holdout}")
+            raise FewShotInputError(f"can hold out 1 to {len(units) - 1} of {len(units)} {what}s, not {holdout}")
         order = np.random.default_rng(seed).permutation(len(units))
         return {units[i] for i in order[:holdout]}
     held = {holdout} if isinstance(holdout, str) else set(holdout)
     unknown = sorted(held - set(units))
     if unknown:
-        raise ValueError(f"unknown {what}s: {', '.join(unknown)}")
+        raise FewShotInputError(f"unknown {what}s: {', '.join(unknown)}")
     if not held or len(held) == len(units):
-        raise ValueError(f"hold out at least one and fewer than all {len(units)} {what}s")
+        raise FewShotInputError(f"hold out at least one and fewer than all {len(units)} {what}s")
     return held
 
 
