@@ -3,13 +3,13 @@
 The bundle schema and preprocessing are the runtime's; the runtime never imports this package.
 """
 
-from .bundle import export_bundle
+from .bundle import export_bundle, export_draft
 from .calibration import calibrate, fit_open_set, fit_temperature, nll
-from .onnx import FiLMSessions, export_context_onnx, export_onnx
+from .onnx import export_context_onnx, export_onnx
 from .parity import ParityError, ParityReport, check_parity
 from .variants import VariantRefused, build_variants
 
 __all__ = [
-    "FiLMSessions", "ParityError", "ParityReport", "calibrate", "check_parity", "export_bundle", "export_context_onnx",
+    "ParityError", "ParityReport", "calibrate", "check_parity", "export_bundle", "export_context_onnx", "export_draft",
     "export_onnx", "fit_open_set", "fit_temperature", "nll", "VariantRefused", "build_variants",
 ]

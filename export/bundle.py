@@ -1,4 +1,8 @@
-"""``export_bundle``: checkpoint -> ONNX encoder -> parity check -> calibration -> bundle, atomically.
+"""``export_bundle``: checkpoint -> ONNX graphs -> draft bundle -> parity -> calibration -> bundle, atomically.
+
+The graphs are first written as an uncalibrated draft bundle that the runtime opens (checking its
+hashes) and runs through its own adapter of the bundle's default mode (``export_draft``): parity,
+calibration and precision variants are measured on exactly what the device runs.
 
 A FiLM method's bundle holds two graphs: ``context.onnx`` (role "context", support images -> FiLM)
 and ``encoder.onnx`` (role "encoder", images and FiLM -> embeddings); its default adaptation is "film".
@@ -21,14 +25,16 @@ import torch
 from fewshot_edge import __version__
 from fewshot_edge.checkpoint import load_checkpoint
 from fewshot_edge.config import TrainConfig
+from fewshot_edge.data.splits import load_splits
 from fewshot_edge.methods import FewShotMethod
-from fewshot_edge.runtime import Adaptation, Bundle, EmbeddingSpec, Engine, FewShotInputError, write_bundle
-from fewshot_edge.train import load_splits
+from fewshot_edge.runtime import (ADAPTERS, Adaptation, Adapter, Bundle, EmbeddingSpec, Engine, FewShotInputError,
+                                  open_bundle, write_bundle)
+from fewshot_edge.runtime.preprocess import InputSpec
 
 from .calibration import calibrate
-from .onnx import FILM_NAME, INPUT_NAME, FiLMSessions, export_context_onnx, export_onnx, has_film
+from .onnx import FILM_NAME, INPUT_NAME, export_context_onnx, export_onnx, has_film
 from .parity import ParityError, ParityReport, check_parity
-from .variants import VARIANTS, build_variants
+from .variants import VARIANTS, build_variants, variant_file
 
 ENCODER_FILE = "encoder.onnx"
 CONTEXT_FILE = "context.onnx"
@@ -41,7 +47,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, overwrite: boo
                   force_variants: bool = False) -> Bundle:
     """Export a checkpoint as a bundle in ``out_dir`` and return it, opened.
 
-    The encoder is checked against PyTorch on random and held-out validation images (ParityError past
+    The graphs are checked against PyTorch on random and held-out validation images (ParityError past
     ``tolerance``), calibrated on ``calibration_episodes`` validation episode pairs, then written with
     ``write_bundle`` (a temporary folder renamed into place): any failure leaves no bundle behind.
     An existing ``out_dir`` is refused unless ``overwrite``. Each of ``precisions`` adds a variant
@@ -56,35 +62,44 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, overwrite: boo
         raise FewShotInputError(f"precision variants must be among {', '.join(VARIANTS)}, got {', '.join(unknown)}")
     method, config, spec, payload = load_checkpoint(checkpoint)
     train_data, validation = load_splits(config)
-    info = method.export_info()
-    embedding = EmbeddingSpec(size=method.backbone.out_dim, metric=info["metric"], scale=info["scale"])
-    film = has_film(method)
     with tempfile.TemporaryDirectory(prefix="fewshot-edge-export-") as tmp:
-        files = {ENCODER_FILE: Path(tmp) / ENCODER_FILE, **({CONTEXT_FILE: Path(tmp) / CONTEXT_FILE} if film else {})}
-        if film:
-            export_context_onnx(method, spec, files[CONTEXT_FILE])
-            opset = export_onnx(method, spec, files[ENCODER_FILE], film=True).opset_import[0].version
-            engine: Engine | FiLMSessions = FiLMSessions(files[CONTEXT_FILE], files[ENCODER_FILE])
-        else:
-            opset = export_onnx(method, spec, files[ENCODER_FILE]).opset_import[0].version
-            engine = Engine(files[ENCODER_FILE])
+        adapter = export_draft(method, spec, Path(tmp))
+        draft = adapter.bundle
         real = np.random.default_rng(seed).choice(len(validation), min(PARITY_IMAGES, len(validation)), replace=False)
-        parity = check_parity(method, engine, spec, validation.images[np.sort(real)], tolerance=tolerance, seed=seed)
+        parity = check_parity(method, adapter, spec, validation.images[np.sort(real)], tolerance=tolerance, seed=seed)
         if not parity.passed:
             raise ParityError(parity)
-        adaptation = _adaptation(method, info)
-        calibration, head_temperature = calibrate(engine, validation, embedding, episodes=calibration_episodes,
-                                                  target_false_reject=target_false_reject, seed=seed,
-                                                  finetune=adaptation.modes.get("finetune"))
+        calibration, head_temperature = calibrate(adapter, validation, episodes=calibration_episodes,
+                                                  target_false_reject=target_false_reject, seed=seed)
+        adaptation = draft.manifest.adaptation
         if head_temperature is not None:
             adaptation = replace(adaptation, modes={**adaptation.modes,
                                                     "finetune": {**adaptation.modes["finetune"], "temperature": head_temperature}})
-        variants = (build_variants(engine, files, precisions, train_data, validation, embedding, episodes=variant_episodes,
-                                   seed=seed, force=force_variants) if precisions else {})
-        return write_bundle(out, files, input_spec=spec, embedding=embedding,
-                            adaptation=adaptation, calibration=calibration,
-                            provenance=_provenance(config, payload, Path(checkpoint), parity, opset), overwrite=overwrite,
-                            variants=variants)
+        variants = (build_variants(adapter, precisions, train_data, validation, episodes=variant_episodes, seed=seed,
+                                   force=force_variants) if precisions else {})
+        files = [*draft.manifest.files, *(variant_file(p) for p in precisions)]
+        provenance = _provenance(config, payload, Path(checkpoint), parity, draft.manifest.provenance["opset"])
+        return write_bundle(out, {name: draft.path / name for name in files}, input_spec=spec,
+                            embedding=draft.manifest.embedding, adaptation=adaptation, calibration=calibration,
+                            provenance=provenance, overwrite=overwrite, variants=variants)
+
+
+def export_draft(method: FewShotMethod, spec: InputSpec, folder: Path) -> Adapter:
+    """Write ``method``'s graphs into ``folder`` as an uncalibrated bundle (``folder / "draft"``), open it
+    with the runtime (hashes checked) and return the runtime adapter of its default mode over its fp32
+    encoder: what export measures through it is what a device runs."""
+    info = method.export_info()
+    embedding = EmbeddingSpec(size=method.backbone.out_dim, metric=info["metric"], scale=info["scale"])
+    files = {ENCODER_FILE: folder / ENCODER_FILE}
+    if has_film(method):
+        files[CONTEXT_FILE] = folder / CONTEXT_FILE
+        export_context_onnx(method, spec, files[CONTEXT_FILE])
+    opset = export_onnx(method, spec, files[ENCODER_FILE], film=has_film(method)).opset_import[0].version
+    adaptation = _adaptation(method, info)
+    write_bundle(folder / "draft", files, input_spec=spec, embedding=embedding, adaptation=adaptation,
+                 provenance={"opset": opset})
+    bundle = open_bundle(folder / "draft")
+    return ADAPTERS[adaptation.default](bundle, Engine(bundle.encoder_file()))
 
 
 def _adaptation(method: FewShotMethod, info: dict[str, Any]) -> Adaptation:

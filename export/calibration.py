@@ -1,4 +1,4 @@
-"""Calibration on held-out classes, scored with the runtime's own prototype code on ONNX embeddings.
+"""Calibration on held-out classes, through the runtime's own adapters on the exported graphs.
 
 Each calibration episode draws ``2 * n_way`` classes and splits them into two disjoint ``n_way``-way
 episodes A and B with the same number of shots (1..max_shot, as devices enroll 1-5 shots; each count
@@ -8,26 +8,25 @@ against B's prototypes (none of them its class) it gives an "unknown" nearest di
 From these: the softmax temperature minimising the queries' NLL, and the open-set thresholds on the
 nearest distance at the target false-reject rate, pooled and per shot count (fewer shots give noisier
 prototypes and larger distances, so one pooled threshold rejects too many 1-shot queries).
-A FiLM model embeds each episode pair under the context of its own support images (both episodes'
-shots, as a device's context covers every enrolled class). With a fine-tune schedule, a second
-temperature is fitted on the logits of the head the runtime fine-tunes on each episode's shots.
+Embeddings come from the adapter of the bundle's default mode: a mode that conditions the encoder on
+the shots (FiLM) embeds each episode pair under the context of its own support images (both episodes'
+shots, as a device's context covers every enrolled class). With a fine-tune mode, a second temperature
+is fitted on the logits of the runtime's ``FinetuneAdapter`` fitted on each episode's shots.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Optional
 
 import numpy as np
 
 from fewshot_edge.data.dataset import FewShotDataset
 from fewshot_edge.episodes import EpisodeSampler
-from fewshot_edge.runtime import Calibration, EmbeddingSpec, Engine, OpenSet
+from fewshot_edge.runtime import ADAPTERS, Adapter, Calibration, OpenSet
 from fewshot_edge.runtime.adapters import distances, logits_from_distances
 from fewshot_edge.runtime.bundle import OPEN_SET_BY_SHOTS
-from fewshot_edge.runtime.finetune import finetune_head, schedule
 from fewshot_edge.runtime.preprocess import normalize
-
-from .onnx import FiLMSessions
+from fewshot_edge.runtime.store import Shots
 
 EpisodeEmbedder = Callable[[np.ndarray, int], np.ndarray]  # ids (2n, shots + queries), shot count -> (2n, shots + queries, D)
 
@@ -93,18 +92,20 @@ def _fit_threshold(known: np.ndarray, unknown: np.ndarray, target_false_reject: 
     return threshold, float(np.mean(unknown <= threshold)), float(np.mean(known > threshold))
 
 
-def calibrate(engine: Engine | FiLMSessions, data: FewShotDataset, embedding: EmbeddingSpec, episodes: int = 500, n_way: int = 5,
-              max_shot: int = 5, q_query: int = 5, target_false_reject: float = 0.05, seed: int = 0,
-              finetune: Mapping[str, Any] | None = None) -> tuple[Calibration, float | None]:
+def calibrate(adapter: Adapter, data: FewShotDataset, episodes: int = 500, n_way: int = 5, max_shot: int = 5,
+              q_query: int = 5, target_false_reject: float = 0.05,
+              seed: int = 0) -> tuple[Calibration, Optional[float]]:
     """Temperature and open-set thresholds fitted on ``episodes`` episode pairs from ``data`` (held-out
-    classes), and the fine-tuned head's temperature when ``finetune`` (that mode's manifest parameters) is given."""
+    classes) embedded by ``adapter`` (the bundle's default mode), and the fine-tuned head's temperature
+    when the bundle has a fine-tune mode."""
     if episodes < 1:
         raise ValueError(f"calibration needs at least 1 episode, got {episodes}")
     sampler = EpisodeSampler(data, 2 * n_way, max_shot, q_query, seed=seed)
     index = np.stack([sampler.sample().index.cpu().numpy() for _ in range(episodes)])  # (E, 2n, shots + queries)
     shots = np.random.default_rng(seed).permutation(np.arange(episodes) % max_shot + 1)
-    embed_episode = episode_embedder(engine, data, index)
-    steps = schedule(finetune["lr_weight"], finetune["lr_bias"]) if finetune is not None else None
+    embed_episode = episode_embedder(adapter, data, index)
+    embedding = adapter.embedding
+    head = ADAPTERS["finetune"](adapter.bundle, adapter.encoder) if "finetune" in adapter.bundle.manifest.adaptation.modes else None
     logits, head_logits, known, unknown = [], [], [], []
     for e, k in enumerate(shots):
         emb = embed_episode(index[e], int(k))
@@ -113,10 +114,9 @@ def calibrate(engine: Engine | FiLMSessions, data: FewShotDataset, embedding: Em
             queries = emb[own, max_shot:].reshape(-1, emb.shape[-1])
             d = distances(queries, protos[own], embedding.metric)
             logits.append(logits_from_distances(d, embedding))
-            if steps is not None:
-                support, targets = emb[own, :k].reshape(-1, emb.shape[-1]), np.repeat(np.arange(n_way), k)
-                w, b = finetune_head(support, targets, protos[own], *steps, float(finetune.get("l2", 0.0)))
-                head_logits.append(queries @ w.T + b)
+            if head is not None:
+                head.fit(_episode_shots(emb[own, :k]))
+                head_logits.append(head.score(queries)[0])
             known.append(d.min(axis=1))
             unknown.append(distances(queries, protos[other], embedding.metric).min(axis=1))
     labels = np.tile(np.repeat(np.arange(n_way), q_query), 2 * episodes)
@@ -130,24 +130,33 @@ def calibrate(engine: Engine | FiLMSessions, data: FewShotDataset, embedding: Em
     return calibration, fit_temperature(np.concatenate(head_logits), labels) if head_logits else None
 
 
-def episode_embedder(engine: Engine | FiLMSessions, data: FewShotDataset, index: np.ndarray) -> EpisodeEmbedder:
-    """How the episodes of ``index`` (E, 2n or n, shots + queries) are embedded: once per image for a plain
-    encoder, per episode under its support's context for a FiLM one."""
-    return _film_episodes(engine, data) if isinstance(engine, FiLMSessions) else _plain_episodes(engine, data, index)
+def _episode_shots(support: np.ndarray) -> Shots:
+    """An episode's support embeddings (n, k, D) as the store hands them to an adapter: class c is label "c"."""
+    n, k, size = support.shape
+    return Shots(ids=np.arange(n * k), labels=[str(c) for c in range(n)], targets=np.repeat(np.arange(n), k),
+                 embeddings=support.reshape(-1, size).astype(np.float32), pixels=None, version=0)
 
 
-def _plain_episodes(engine: Engine, data: FewShotDataset, index: np.ndarray) -> EpisodeEmbedder:
+def episode_embedder(adapter: Adapter, data: FewShotDataset, index: np.ndarray) -> EpisodeEmbedder:
+    """How the episodes of ``index`` (E, 2n or n, shots + queries) are embedded by ``adapter``: once per
+    image when its encoder ignores the shots, per episode under its support's conditioning when it
+    ``needs_pixels`` (FiLM)."""
+    return _conditioned_episodes(adapter, data) if adapter.needs_pixels else _plain_episodes(adapter, data, index)
+
+
+def _plain_episodes(adapter: Adapter, data: FewShotDataset, index: np.ndarray) -> EpisodeEmbedder:
     """Embeddings do not depend on the episode: every image in ``index`` is embedded once, episodes look them up."""
     used = np.unique(index)
-    table = _embed_pixels(engine.embed, data, used)
+    table = _embed_pixels(adapter.embed, data, used)
     return lambda ids, shots: table[np.searchsorted(used, ids)]
 
 
-def _film_episodes(sessions: FiLMSessions, data: FewShotDataset) -> EpisodeEmbedder:
-    """Each episode's images embedded under the FiLM its support images (the first ``shots`` per class) give."""
+def _conditioned_episodes(adapter: Adapter, data: FewShotDataset) -> EpisodeEmbedder:
+    """Each episode's images embedded with the adapter conditioned on its support images (the first
+    ``shots`` per class), as the device's ``fit`` conditions it on every enrolled shot."""
     def embed(ids: np.ndarray, shots: int) -> np.ndarray:
-        film = sessions.context(normalize(data.images[ids[:, :shots].ravel()], data.spec))
-        return _embed_pixels(lambda x: sessions.embed(x, film), data, ids.ravel()).reshape(*ids.shape, -1)
+        adapter.condition(normalize(data.images[ids[:, :shots].ravel()], data.spec))
+        return _embed_pixels(adapter.embed, data, ids.ravel()).reshape(*ids.shape, -1)
     return embed
 
 

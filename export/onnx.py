@@ -16,9 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import onnx
-import onnxruntime
 import torch
 from torch import nn
 
@@ -99,21 +97,3 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, ...], path: str | Pa
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-class FiLMSessions:
-    """The two FiLM graphs under onnxruntime (CPU): ``context(images) -> film``, ``embed(images, film)``."""
-
-    def __init__(self, context_path: str | Path, encoder_path: str | Path, disabled_optimizers: Sequence[str] = ()) -> None:
-        providers = ["CPUExecutionProvider"]
-        self._context = onnxruntime.InferenceSession(str(context_path), providers=providers)
-        extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
-        self._encoder = onnxruntime.InferenceSession(str(encoder_path), providers=providers, **extra)
-
-    def context(self, images: np.ndarray) -> np.ndarray:
-        """Flat FiLM (F,) for float32 support images (S, C, H, W)."""
-        return self._context.run([FILM_NAME], {INPUT_NAME: images})[0]
-
-    def embed(self, images: np.ndarray, film: np.ndarray) -> np.ndarray:
-        """Embeddings (N, D) of float32 images (N, C, H, W) under the flat FiLM ``film`` (F,)."""
-        return self._encoder.run([OUTPUT_NAME], {INPUT_NAME: images, FILM_NAME: film.astype(np.float32)})[0]

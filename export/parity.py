@@ -1,7 +1,7 @@
-"""Parity: the exported encoder, run by the runtime's engine, must give PyTorch's embeddings.
+"""Parity: the exported graphs, run by the runtime's own adapter and engines, must give PyTorch's outputs.
 
-For a FiLM method (``FiLMSessions``) both graphs are checked on every batch: the context's FiLM
-vector, and the encoder's embeddings under the identity FiLM and under a random non-identity one.
+For a FiLM bundle (``FilmAdapter``) both graphs are checked on every batch: the context's FiLM
+vector, and the encoder's embeddings under the bundle's identity FiLM and under a random non-identity one.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import torch
 
 from fewshot_edge.methods import FewShotMethod
 from fewshot_edge.methods.film import split_film
-from fewshot_edge.runtime import Engine
+from fewshot_edge.runtime import Adapter
+from fewshot_edge.runtime.adapters import FilmAdapter
 from fewshot_edge.runtime.preprocess import InputSpec, normalize
-
-from .onnx import FiLMSessions
 
 BATCH_SIZES = (1, 2, 7, 32)
 RANDOM_FILM_STD = 0.1
@@ -55,13 +54,13 @@ class ParityError(RuntimeError):
         self.report = report
 
 
-def check_parity(method: FewShotMethod, engine: Engine | FiLMSessions, spec: InputSpec,
+def check_parity(method: FewShotMethod, adapter: Adapter, spec: InputSpec,
                  real_pixels: np.ndarray | None = None, tolerance: float = 1e-4,
                  batch_sizes: Sequence[int] = BATCH_SIZES, seed: int = 0) -> ParityReport:
     """Compare outputs on random uint8 images of each batch size and on ``real_pixels`` (uint8 (N, C, H, W)).
 
-    Both sides see the same ``normalize``d float32 batch: PyTorch in eval mode, ONNX through ``engine``
-    (the runtime's onnxruntime session, or a FiLM method's two sessions).
+    Both sides see the same ``normalize``d float32 batch: PyTorch in eval mode, ONNX through ``adapter``
+    (the runtime's adapter of the bundle's mode, over its encoder engine, and its context engine for FiLM).
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be non-negative, got {tolerance}")
@@ -70,7 +69,7 @@ def check_parity(method: FewShotMethod, engine: Engine | FiLMSessions, spec: Inp
     batches = {f"random batch of {n}": rng.integers(0, 256, size=(n, *shape), dtype=np.uint8) for n in batch_sizes}
     if real_pixels is not None and len(real_pixels):
         batches[f"{len(real_pixels)} real images"] = real_pixels
-    runs = _film_runs(method, engine, rng) if isinstance(engine, FiLMSessions) else {"": (engine.embed, method.embed)}
+    runs = _film_runs(method, adapter, rng) if isinstance(adapter, FilmAdapter) else {"": (adapter.embed, method.embed)}
     report = ParityReport(tolerance)
     for name, pixels in batches.items():
         x = normalize(pixels, spec)
@@ -80,20 +79,22 @@ def check_parity(method: FewShotMethod, engine: Engine | FiLMSessions, spec: Inp
     return report
 
 
-def _film_runs(method: FewShotMethod, sessions: FiLMSessions,
+def _film_runs(method: FewShotMethod, adapter: FilmAdapter,
                rng: np.random.Generator) -> dict[str, tuple[OnnxRun, TorchRun]]:
-    """Check-name prefix -> (ONNX, PyTorch) for the context and the encoder under identity and random FiLM."""
+    """Check-name prefix -> (ONNX, PyTorch) for the context and the encoder under identity and random FiLM
+    (the runtime side under the bundle's identity, PyTorch under the method's)."""
     identity = method.context.identity.detach().float().cpu().numpy()
     random = (identity + rng.normal(0.0, RANDOM_FILM_STD, identity.shape)).astype(np.float32)
 
-    def under(film: np.ndarray) -> tuple[OnnxRun, TorchRun]:
+    def under(runtime_film: np.ndarray, torch_film: np.ndarray) -> tuple[OnnxRun, TorchRun]:
         def torch_run(images: torch.Tensor) -> torch.Tensor:
-            return method.embed(images, film=split_film(torch.from_numpy(film).to(images.device),
+            return method.embed(images, film=split_film(torch.from_numpy(torch_film).to(images.device),
                                                         method.context.block_channels))
-        return lambda x: sessions.embed(x, film), torch_run
+        return lambda x: adapter.encoder.embed(x, runtime_film), torch_run
 
-    return {"context on ": (sessions.context, method.context.flat),
-            "encoder under identity FiLM on ": under(identity), "encoder under random FiLM on ": under(random)}
+    return {"context on ": (adapter.context.run, method.context.flat),
+            "encoder under identity FiLM on ": under(adapter.identity, identity),
+            "encoder under random FiLM on ": under(random, random)}
 
 
 @torch.no_grad()

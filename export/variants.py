@@ -5,16 +5,16 @@
 - int8: static QDQ quantization (``onnxruntime.quantization.quantize_static``) after
   ``quant_pre_process``; per-channel int8 weights, int8 activations, min-max ranges calibrated on
   normalised images of the checkpoint's own training split (a FiLM encoder's film input calibrated
-  with the context of each calibration batch). The stem stays float (``float_stem``): a convolution
+  with the runtime context of each calibration batch). The stem stays float (``float_stem``): a convolution
   reading the image has 1 or 3 input channels, where onnxruntime's int8 kernels are slower than float
   ones (Conv-4 on 28x28: 5.5 ms vs 2.2 ms of a batch of 256). It only pays with onnxruntime's QDQ
   propagation off, which would move the first QuantizeLinear above the float max-pool and run that as a
   slow int8 NCHW pool, so the manifest entry names that optimizer in ``disabled_optimizers`` and the
   runtime opens the variant without it.
 
-``build_variants`` embeds the same 5-way 1-shot validation episodes with the fp32 encoder and each
-variant, and records per precision: accuracy with its 95% CI, the paired delta vs fp32 with its CI,
-and the embeddings' parity (largest absolute and relative difference). A variant that loses more than
+``build_variants`` embeds the same 5-way 1-shot validation episodes with the runtime adapter over the
+fp32 encoder and over each variant, and records per precision: accuracy with its 95% CI, the paired
+delta vs fp32 with its CI, and the embeddings' parity (largest absolute and relative difference). A variant that loses more than
 ``MAX_ACCURACY_LOSS`` or exceeds its parity tolerance is refused (``VariantRefused``) unless forced.
 """
 
@@ -32,14 +32,14 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from fewshot_edge.data.dataset import FewShotDataset
 from fewshot_edge.episodes import EpisodeSampler
-from fewshot_edge.evaluate import confidence_interval
-from fewshot_edge.runtime import EmbeddingSpec, Engine, FewShotInputError
-from fewshot_edge.runtime.adapters import distances
+from fewshot_edge.runtime import Adapter, EmbeddingSpec, Engine, FewShotInputError
+from fewshot_edge.runtime.adapters import FilmAdapter, distances
 from fewshot_edge.runtime.bundle import encoder_role
 from fewshot_edge.runtime.preprocess import normalize
+from fewshot_edge.runtime.stats import confidence_interval
 
 from .calibration import episode_embedder
-from .onnx import FILM_NAME, INPUT_NAME, FiLMSessions
+from .onnx import FILM_NAME, INPUT_NAME
 
 VARIANTS = ("fp16", "int8")
 MAX_ACCURACY_LOSS = 0.01  # 1 percentage point of 5-way 1-shot accuracy
@@ -47,8 +47,6 @@ PARITY_TOLERANCE = {"fp16": 0.01, "int8": 0.25}  # largest |variant - fp32| / |f
 DISABLED_OPTIMIZERS = {"int8": ["QDQPropagationTransformer"]}  # see the module docstring
 N_WAY, K_SHOT, Q_QUERY = 5, 1, 15
 CALIBRATION_IMAGES, CALIBRATION_BATCH = 512, 32
-
-Encoder = Engine | FiLMSessions
 
 
 class VariantRefused(FewShotInputError):
@@ -105,53 +103,52 @@ def to_int8(source: Path, dest: Path, feeds: Sequence[dict[str, np.ndarray]]) ->
             "float_nodes": stem, "calibration_images": sum(len(f[INPUT_NAME]) for f in feeds)}
 
 
-def calibration_feeds(encoder: Encoder, train: FewShotDataset, images: int = CALIBRATION_IMAGES,
+def calibration_feeds(adapter: Adapter, train: FewShotDataset, images: int = CALIBRATION_IMAGES,
                       batch: int = CALIBRATION_BATCH, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Batches of normalised training images as the encoder takes them (with each batch's FiLM for a FiLM encoder)."""
+    """Batches of normalised training images as the encoder takes them (with each batch's FiLM, from the
+    adapter's context engine, for a FiLM encoder)."""
     ids = np.sort(np.random.default_rng(seed).choice(len(train), min(images, len(train)), replace=False))
     feeds = []
     for i in range(0, len(ids), batch):
         x = normalize(train.images[ids[i:i + batch]], train.spec)
-        feeds.append({INPUT_NAME: x, **({FILM_NAME: encoder.context(x)} if isinstance(encoder, FiLMSessions) else {})})
+        feeds.append({INPUT_NAME: x, **({FILM_NAME: adapter.context.run(x)} if isinstance(adapter, FilmAdapter) else {})})
     return feeds
 
 
-def build_variants(encoder: Encoder, files: dict[str, Path], precisions: Sequence[str], train: FewShotDataset,
-                   validation: FewShotDataset, embedding: EmbeddingSpec, episodes: int = 1000, seed: int = 0,
-                   force: bool = False) -> dict[str, dict[str, Any]]:
-    """Write each variant beside ``files["encoder.onnx"]``, add it to ``files``, measure it; returns the
-    manifest's ``variants`` mapping (fp32's accuracy first). Raises VariantRefused unless ``force``."""
-    source = files["encoder.onnx"]
+def build_variants(adapter: Adapter, precisions: Sequence[str], train: FewShotDataset, validation: FewShotDataset,
+                   episodes: int = 1000, seed: int = 0, force: bool = False) -> dict[str, dict[str, Any]]:
+    """Write each variant of the fp32 encoder of ``adapter``'s bundle beside it (``variant_file``) and
+    measure it through the same adapter class over the variant's engine; returns the manifest's
+    ``variants`` mapping (fp32's accuracy first). Raises VariantRefused unless ``force``."""
+    source = adapter.bundle.encoder_file()
     sampler = EpisodeSampler(validation, N_WAY, K_SHOT, Q_QUERY, seed=seed)
     index = np.stack([sampler.sample().index.cpu().numpy() for _ in range(episodes)])  # (E, n, k + q)
     described = (f"{episodes} {N_WAY}-way {K_SHOT}-shot validation episodes ({Q_QUERY} queries per class, seed {seed})"
                  f" on {validation.num_classes} held-out classes")
-    reference = _embed_all(encoder, validation, index)
-    base = _accuracies(reference, embedding)
+    reference = _embed_all(adapter, validation, index)
+    base = _accuracies(reference, adapter.embedding)
     accuracy, ci95 = confidence_interval(base)
     variants: dict[str, dict[str, Any]] = {"fp32": {"role": "encoder", "accuracy": accuracy, "ci95": ci95, "episodes": described}}
     for precision in precisions:
         path = source.with_name(variant_file(precision))
-        method = to_fp16(source, path) if precision == "fp16" else to_int8(source, path, calibration_feeds(encoder, train, seed=seed))
+        method = to_fp16(source, path) if precision == "fp16" else to_int8(source, path, calibration_feeds(adapter, train, seed=seed))
         disabled = DISABLED_OPTIMIZERS.get(precision, [])
-        variant = (FiLMSessions(files["context.onnx"], path, disabled) if isinstance(encoder, FiLMSessions)
-                   else Engine(path, disabled_optimizers=disabled))
+        variant = type(adapter)(adapter.bundle, Engine(path, disabled_optimizers=disabled))
         embedded = _embed_all(variant, validation, index)
-        accuracies = _accuracies(embedded, embedding)
+        accuracies = _accuracies(embedded, adapter.embedding)
         entry = {"role": encoder_role(precision), **dict(zip(("accuracy", "ci95"), confidence_interval(accuracies))),
                  **dict(zip(("delta", "delta_ci95"), confidence_interval(accuracies - base))),
                  "parity": _parity(reference, embedded, PARITY_TOLERANCE[precision]), "episodes": described, "method": method,
                  **({"disabled_optimizers": disabled} if disabled else {})}
         if not force:
             _check(precision, entry, accuracy)
-        files[path.name] = path
         variants[precision] = entry
     return variants
 
 
-def _embed_all(encoder: Encoder, data: FewShotDataset, index: np.ndarray) -> np.ndarray:
+def _embed_all(adapter: Adapter, data: FewShotDataset, index: np.ndarray) -> np.ndarray:
     """Embeddings (E, n, k + q, D) of every episode in ``index`` (E, n, k + q)."""
-    embed = episode_embedder(encoder, data, index)
+    embed = episode_embedder(adapter, data, index)
     return np.stack([embed(ids, K_SHOT) for ids in index]).astype(np.float64)
 
 

@@ -63,6 +63,10 @@ class Adapter(ABC):
         FiLM (the unconditioned backbone); modes that condition it override this."""
         return self.encoder.embed(batch, self.identity)
 
+    def condition(self, support: np.ndarray) -> None:
+        """Condition ``embed`` on normalised support images (S, C, H, W), every enrolled shot, as ``fit``
+        does for a mode that ``needs_pixels``; the encoder of the other modes ignores the shots."""
+
     @abstractmethod
     def fit(self, shots: Shots, state: Optional[Mapping[str, np.ndarray]] = None) -> None:
         """Fit from every stored shot (possibly none); sets ``labels``, the order of the logits' columns.
@@ -169,17 +173,27 @@ class FilmAdapter(PrototypeAdapter):
 
     def __init__(self, bundle: Bundle, encoder: Engine, overrides: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__(bundle, encoder, overrides)
+        if self.identity is None:
+            raise FewShotInputError(f"adaptation mode 'film' needs a FiLM encoder; {encoder.path.name} takes no film input")
+        size = self.params.get("film_size")
+        for what, n in (("identity FiLM", len(self.identity)), ("encoder's film input", encoder.film_size)):
+            if n is not None and n != size:
+                raise FewShotInputError(f"bundle's film mode records film_size {size!r}, but its {what} has {n} values")
         self.context = ContextEngine(bundle.file("context"), encoder.providers, encoder.threads, self.params.get("context_input"))
         self.film = self.identity
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         return self.encoder.embed(batch, self.film)
 
+    def condition(self, support: np.ndarray) -> None:
+        """The film vector becomes the context graph's for ``support`` (one or more images)."""
+        self.film = self.context.run(support)
+
     def fit(self, shots: Shots, state: Optional[Mapping[str, np.ndarray]] = None) -> None:
         self.film = self.identity
         if len(shots.ids):
             images = normalize(shots.pixels, self.bundle.manifest.input_spec)
-            self.film = self.context.run(images)
+            self.condition(images)
             shots = dataclasses.replace(shots, embeddings=self.embed(images))
         super().fit(shots)
 

@@ -18,7 +18,7 @@ from fewshot_edge.cli import main
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import EpisodeSampler
-from fewshot_edge.export import ParityError, check_parity, export_bundle, export_onnx, fit_open_set, fit_temperature, nll
+from fewshot_edge.export import ParityError, check_parity, export_bundle, export_draft, export_onnx, fit_open_set, fit_temperature, nll
 from fewshot_edge.runtime import Engine, FewShotInputError, FewShotModel, InputSpec
 
 
@@ -58,8 +58,7 @@ def test_onnx_embeddings_match_pytorch(tmp_path, backbone, size):
     spec = InputSpec(1, size, size, mean=(0.5,), std=(0.25,))
     method = random_method(backbone, spec)
     method.train()
-    export_onnx(method, spec, tmp_path / "encoder.onnx")
-    report = check_parity(method, Engine(tmp_path / "encoder.onnx"), spec, tolerance=1e-4)
+    report = check_parity(method, export_draft(method, spec, tmp_path), spec, tolerance=1e-4)
     assert method.training  # the export works on a copy; parity restores the mode
     assert report.passed and report.max_abs_diff <= 1e-4
     assert {"random batch of 1", "random batch of 7"} <= set(report.checks)
@@ -112,8 +111,8 @@ def test_manifest_records_calibration_and_provenance(bundle):
 def test_failed_parity_writes_nothing(checkpoint, tmp_path, monkeypatch):
     exported = export_module.export_onnx
 
-    def perturbed(method, spec, path):
-        model = exported(method, spec, path)
+    def perturbed(method, spec, path, **options):
+        model = exported(method, spec, path, **options)
         weight = next(t for t in model.graph.initializer if len(t.dims) == 4)  # a convolution's kernel
         weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) + 0.01, weight.name))
         onnx.save(model, str(path))

@@ -7,14 +7,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import require_data
 
 from fewshot_edge.checkpoint import build_method, load_checkpoint, save_checkpoint
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.data.splits import load_splits
-from fewshot_edge.export import FiLMSessions, check_parity, export_bundle, export_context_onnx, export_onnx
+from fewshot_edge.export import ParityError, check_parity, export_bundle, export_context_onnx, export_draft, export_onnx
+from fewshot_edge.export.parity import BATCH_SIZES
 from fewshot_edge.methods import FiLMProtoNet
 from fewshot_edge.episodes import EpisodeSampler
-from fewshot_edge.runtime import Engine, FewShotModel, InputSpec, open_bundle
+from fewshot_edge.runtime import ContextEngine, Engine, FewShotModel, InputSpec, open_bundle
 from fewshot_edge.runtime.preprocess import normalize
 from fewshot_edge.train import train
 
@@ -60,43 +62,50 @@ def test_graphs_are_checked_with_the_film_interface(method, graphs):
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
         assert [i.name for i in model.graph.input] == inputs and [o.name for o in model.graph.output] == [output]
         assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # any number of images
-    sessions = FiLMSessions(graphs["context"], graphs["encoder"])
+    context, encoder = ContextEngine(graphs["context"]), Engine(graphs["encoder"])
     for n in (1, 9):
-        film = sessions.context(images(n))
+        film = context.run(images(n))
         assert film.shape == (film_size,) and film.dtype == np.float32
-        assert sessions.embed(images(n), film).shape == (n, 64)
+        assert encoder.embed(images(n), film).shape == (n, 64)
 
 
-def test_both_graphs_match_pytorch_under_identity_and_random_film(method, graphs):
-    report = check_parity(method, FiLMSessions(graphs["context"], graphs["encoder"]), SPEC,
+def test_both_graphs_match_pytorch_under_identity_and_random_film(method, graphs, tmp_path):
+    report = check_parity(method, export_draft(method, SPEC, tmp_path), SPEC,
                           real_pixels=np.random.default_rng(1).integers(0, 256, (20, 1, 28, 28), dtype=np.uint8),
                           batch_sizes=(1, 7), tolerance=1e-4)
     assert report.passed and report.max_abs_diff <= 1e-4
     prefixes = ("context on ", "encoder under identity FiLM on ", "encoder under random FiLM on ")
     assert set(report.checks) == {p + b for p in prefixes for b in ("random batch of 1", "random batch of 7", "20 real images")}
     identity = method.context.identity.numpy()
-    assert not np.allclose(FiLMSessions(graphs["context"], graphs["encoder"]).context(images(5)), identity, atol=1e-2)
+    assert not np.allclose(ContextEngine(graphs["context"]).run(images(5)), identity, atol=1e-2)
 
 
 def test_identity_film_encoder_reproduces_the_plain_encoder(method, graphs):
     x = images(7)
-    film = FiLMSessions(graphs["context"], graphs["encoder"]).embed(x, method.context.identity.numpy())
+    film = Engine(graphs["encoder"]).embed(x, method.context.identity.numpy())
     np.testing.assert_allclose(film, Engine(graphs["plain"]).embed(x), rtol=0, atol=1e-5)
 
 
 def test_context_graph_is_invariant_to_support_order(graphs):
-    sessions = FiLMSessions(graphs["context"], graphs["encoder"])
+    context = ContextEngine(graphs["context"])
     x = images(12)
-    np.testing.assert_allclose(sessions.context(x[np.random.default_rng(2).permutation(12)]), sessions.context(x),
+    np.testing.assert_allclose(context.run(x[np.random.default_rng(2).permutation(12)]), context.run(x),
                                rtol=0, atol=1e-5)
 
 
-def test_film_bundle_has_both_graphs_roles_and_the_film_mode(omniglot_small1, tmp_path):
-    config = TrainConfig(sources=[str(omniglot_small1)], data_options={"rotations": True}, holdout=1, method="film",
-                         method_options={"task_dim": 32}, n_way=5, k_shot=1, q_query=2, episodes=3, val_every=3,
-                         val_episodes=3, seed=0, device="cpu", out=str(tmp_path / "run"))
+@pytest.fixture(scope="module")
+def film_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("film-run")
+    config = TrainConfig(sources=[str(require_data("omniglot/images_background_small1.zip")[0])],
+                         data_options={"rotations": True}, holdout=1, method="film", method_options={"task_dim": 32},
+                         n_way=5, k_shot=1, q_query=2, episodes=3, val_every=3, val_episodes=3, seed=0, device="cpu",
+                         out=str(out))
     train(config, progress_bar=False)
-    export_bundle(tmp_path / "run" / "best.pt", tmp_path / "bundle", calibration_episodes=20)
+    return out / "best.pt"
+
+
+def test_film_bundle_has_both_graphs_roles_and_the_film_mode(film_checkpoint, tmp_path):
+    export_bundle(film_checkpoint, tmp_path / "bundle", calibration_episodes=20)
     bundle = open_bundle(tmp_path / "bundle")
     manifest = bundle.manifest
     assert {name: entry.role for name, entry in manifest.files.items()} == {"context.onnx": "context", "encoder.onnx": "encoder"}
@@ -138,3 +147,21 @@ def test_runtime_film_predictions_equal_the_pytorch_method(omniglot_small1, tmp_
             agree.append(model.predict_proba(list(raw[index[:, 2:].ravel()])).argmax(1) == expected)
             assert not np.allclose(model.adapter.film, method.context.identity.numpy(), atol=1e-2)
     assert np.concatenate(agree).all()
+
+
+def test_film_export_checks_and_calibrates_with_the_runtime_engines(film_checkpoint, tmp_path, monkeypatch):
+    runs = []
+    run = ContextEngine.run
+    monkeypatch.setattr(ContextEngine, "run", lambda self, images: runs.append(len(images)) or run(self, images))
+    bundle = export_bundle(film_checkpoint, tmp_path / "bundle", calibration_episodes=20)
+    parity = bundle.manifest.provenance["parity"]["checks"]
+    context_checks = [name for name in parity if name.startswith("context on ")]
+    assert len(context_checks) == len(BATCH_SIZES) + 1  # each random batch and the real images
+    # one context run per parity batch, then one per calibration episode pair (its 10 classes' shots)
+    assert len(runs) == len(context_checks) + 20
+    assert all(n % 10 == 0 and 10 <= n <= 50 for n in runs[len(context_checks):])
+
+    monkeypatch.setattr(ContextEngine, "run", lambda self, images: run(self, images) + np.float32(1e-3))
+    with pytest.raises(ParityError, match=r"max \|onnx - torch\| = .* on context on "):
+        export_bundle(film_checkpoint, tmp_path / "drifted", calibration_episodes=20)
+    assert not (tmp_path / "drifted").exists()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 from runtime_support import (BLOCK_TORCH, DIM, SPEC, embed_by_hand, film_by_hand, film_encoder, images,
-                             make_film_bundle, run_python, weight)
+                             make_bundle, make_film_bundle, run_python, weight)
 
 from fewshot_edge.runtime import Engine, FewShotInputError, FewShotModel
 from fewshot_edge.runtime.bench_compare import compare_modes
@@ -119,6 +122,31 @@ def test_film_encoder_without_film_is_a_clear_error(tmp_path, bundle, params):
     np.testing.assert_allclose(out, 2 * np.ones((2, P)) @ params[0], rtol=1e-5)
     with pytest.raises(FewShotInputError, match="must take one input .* or two"):
         Engine(tmp_path / "encoder.onnx", film_input="gamma")
+
+
+@pytest.mark.parametrize("film_size,identity,message", [
+    (2 * DIM + 1, None, f"records film_size {2 * DIM + 1}, but its identity FiLM has {2 * DIM} values"),
+    (2 * DIM + 2, [1.0] * (DIM + 1) + [0.0] * (DIM + 1), f"but its encoder's film input has {2 * DIM} values"),
+    (None, None, "records film_size None"),
+])
+def test_a_film_size_the_graphs_do_not_have_is_refused(tmp_path, params, film_size, identity, message):
+    bundle = make_film_bundle(tmp_path / "bundle", *params)
+    manifest = json.loads((bundle.path / "manifest.json").read_text())
+    film = manifest["adaptation"]["modes"]["film"]
+    film["film_size"] = film_size
+    film["identity"] = identity or film["identity"]
+    (bundle.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FewShotInputError, match=re.escape(message)):
+        FewShotModel.open(bundle.path)
+
+
+def test_film_mode_on_a_plain_encoder_is_refused(tmp_path, params):
+    plain = make_bundle(tmp_path / "plain", params[0]).path
+    manifest = json.loads((plain / "manifest.json").read_text())
+    manifest["adaptation"]["modes"]["film"] = {"film_size": 2 * DIM, "identity": [1.0] * DIM + [0.0] * DIM}
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FewShotInputError, match="adaptation mode 'film' needs a FiLM encoder; encoder.onnx takes no film input"):
+        FewShotModel.open(plain, adapt="film")
 
 
 def test_predicting_with_no_classes_is_an_error(bundle):
