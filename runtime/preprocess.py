@@ -30,7 +30,10 @@ RESAMPLING = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the encoder expects: channels (1 = L, 3 = RGB), size, normalisation, inversion."""
+    """What the encoder expects: channels (1 = L, 3 = RGB), size, normalisation, inversion.
+
+    ``layout`` is the encoder input's axis order; the runtime feeds NCHW batches only, so nothing else is accepted.
+    """
 
     channels: int
     height: int
@@ -55,6 +58,8 @@ class InputSpec:
             object.__setattr__(self, name, values)
         if any(s <= 0 for s in self.std):
             raise FewShotInputError(f"std must be positive, got {self.std}")
+        if self.layout != "NCHW":
+            raise FewShotInputError(f"input layout must be NCHW (the only one the runtime feeds), got {self.layout!r}")
         if self.resize not in RESAMPLING:
             raise FewShotInputError(f"resize must be one of {', '.join(RESAMPLING)}, got {self.resize!r}")
 

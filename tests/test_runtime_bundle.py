@@ -194,6 +194,7 @@ def test_missing_keys_are_named(tmp_path, path, key):
     (lambda m: m["calibration"]["open_set"].update(statistic="mahalanobis"), "mahalanobis"),
     (lambda m: m["adaptation"].update(default="film"), "film"),
     (lambda m: m.update(input="RGB"), "input"),
+    (lambda m: m["input"].update(layout="NHWC"), "input layout must be NCHW (the only one the runtime feeds), got 'NHWC'"),
     (lambda m: m["embedding"].update(size="big"), "invalid field"),
     (lambda m: m["calibration"]["open_set"].update(thresholds_by_shots={"one": 1.0}), "invalid field"),
     (lambda m: m["calibration"]["open_set"].update(thresholds_by_shots={"0": 1.0}), "shot counts >= 1"),
