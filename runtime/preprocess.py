@@ -98,21 +98,20 @@ def load_image(source: ImageLike) -> Image.Image:
         path = Path(source)
         if not path.is_file():
             raise FewShotInputError(f"image file not found: {path}")
-        return decode_image(path)
+        return decode_image(path, path)
     raise FewShotInputError(f"unsupported image type: {type(source).__name__}")
 
 
-def decode_image(source: Union[bytes, Path], name: Union[str, Path, None] = None) -> Image.Image:
-    """Decode an image file, or an encoded image's bytes read from ``name``, fully loaded.
-
-    An image that does not decode is a one-line ``FewShotInputError`` naming ``name`` (default: the path).
-    """
+def decode_image(source: bytes | Path, name: str | Path) -> Image.Image:
+    """Decode an image file, or an encoded image's bytes, fully loaded; ``name`` is the file or where the
+    bytes were read from. An image that does not decode is a one-line ``FewShotInputError`` naming it."""
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with image:
             image.load()
-            return image
+        return image
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise FewShotInputError(f"not a readable image: {name or source} ({exc.__class__.__name__})") from None
+        raise FewShotInputError(f"not a readable image: {name} ({exc.__class__.__name__})") from None
 
 
 def source_hash(source: ImageLike) -> str:
