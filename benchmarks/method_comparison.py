@@ -28,13 +28,13 @@ from fewshot_edge.train import resolve_device, train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = {"omniglot": [(5, 1), (5, 5), (20, 1), (20, 5)], "miniimagenet": [(5, 1), (5, 5), (16, 5)]}
-EPISODE_SHAPE = {"omniglot": (60, 1, 5), "miniimagenet": (20, 5, 5)}  # training way, shot, query
+EPISODE_SHAPE = {"omniglot": (60, 1, 5), "miniimagenet": (20, 5, 5)}  # training n_way, k_shot, q_query
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {"protonet": {}, "film": {}, "anil": {"inner_steps": 5, "step_size": 0.001}}
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
-    way, shot, query = EPISODE_SHAPE[args.data]
-    common = dict(n_way=args.way or way, k_shot=args.shot or shot, q_query=query, episodes=args.episodes, lr=args.lr,
+    n_way, k_shot, q_query = EPISODE_SHAPE[args.data]
+    common = dict(n_way=args.way or n_way, k_shot=args.shot or k_shot, q_query=q_query, episodes=args.episodes, lr=args.lr,
                   val_every=args.episodes, val_episodes=100, seed=args.seed, device=args.device)
     if args.data == "omniglot":
         return TrainConfig(sources=args.source or [str(DATA / "omniglot" / "images_background.zip")],

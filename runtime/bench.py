@@ -27,8 +27,8 @@ from .model import FewShotModel
 from .preprocess import InputSpec, preprocess
 
 SOURCE_SIZE = 105
-WAYS = 5
-SHOTS = 5
+N_WAY = 5  # classes enrolled before timing predictions
+K_SHOT = 5  # shots per enrolled class
 
 
 def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 10) -> dict[str, float]:
@@ -61,10 +61,10 @@ def source_images(spec: InputSpec, n: int, seed: int = 0, size: int = SOURCE_SIZ
     return list(np.where(rng.random(shape) < 0.1, 0, 255).astype(np.uint8))
 
 
-def enroll_random(model: FewShotModel, classes: int, shots: int) -> None:
-    """Enroll ``classes`` classes of ``shots`` random-stroke images each (seeds 1..classes)."""
-    for c in range(classes):
-        model.enroll(f"class-{c}", source_images(model.spec, shots, seed=c + 1))
+def enroll_random(model: FewShotModel, n_way: int, k_shot: int) -> None:
+    """Enroll ``n_way`` classes of ``k_shot`` random-stroke images each (seeds 1..n_way)."""
+    for c in range(n_way):
+        model.enroll(f"class-{c}", source_images(model.spec, k_shot, seed=c + 1))
 
 
 def run_benchmark(
@@ -83,8 +83,8 @@ def run_benchmark(
         store = Path(tmp) / "bench.db"
         with FewShotModel.open(bundle, store=store, **opened) as model:
             spec = model.spec
-            enroll_random(model, WAYS, SHOTS)
-            images = source_images(spec, batch, seed=WAYS + 1)
+            enroll_random(model, N_WAY, K_SHOT)
+            images = source_images(spec, batch, seed=N_WAY + 1)
             one = images[:1]
             encoder_one = preprocess(one, spec)
             encoder_batch = preprocess(images, spec)
@@ -125,9 +125,9 @@ def machine() -> dict[str, Any]:
 
 
 def _enroll_latency(bundle: Union[str, Path], store: Path, opened: dict[str, Any], runs: int) -> dict[str, float]:
-    """Latency of enrolling one class of ``SHOTS`` decoded images into a fresh SQLite store."""
+    """Latency of enrolling one class of ``K_SHOT`` decoded images into a fresh SQLite store."""
     with FewShotModel.open(bundle, store=store, **opened) as model:
-        shots = source_images(model.spec, SHOTS, seed=WAYS + 2)
+        shots = source_images(model.spec, K_SHOT, seed=N_WAY + 2)
         labels = itertools.count()
         return time_calls(lambda: model.enroll(f"class-{next(labels)}", shots), runs)
 
@@ -168,7 +168,7 @@ def _child(config_json: str) -> None:
     """The fresh process of ``_fresh_process``: open, predict once, say "ready", predict, report RSS."""
     config = json.loads(config_json)
     with FewShotModel.open(config["bundle"], store=config["store"], **config["opened"]) as model:
-        one = source_images(model.spec, 1, seed=WAYS + 1)
+        one = source_images(model.spec, 1, seed=N_WAY + 1)
         model.predict(one)
         print("ready", flush=True)
         for _ in range(config["runs"]):

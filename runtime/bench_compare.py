@@ -4,9 +4,9 @@
 latency, the encoder alone on one image, encoder throughput on a batch and its ratio to fp32's, with
 the accuracy export measured for that precision on the same validation episodes (from the manifest).
 
-``compare_modes``: per adaptation mode, with ``CLASSES`` x ``SHOTS`` enrolled, the refit time after an
-enrollment change (``FewShotModel.refit``, which fits the adapter to the stored shots) and the one-image
-prediction latency in that mode. Latencies in milliseconds, throughputs in images per second.
+``compare_modes``: per adaptation mode, with ``MODES_N_WAY`` classes x ``K_SHOT`` shots enrolled, the refit
+time after an enrollment change (``FewShotModel.refit``, which fits the adapter to the stored shots) and the
+one-image prediction latency in that mode. Latencies in milliseconds, throughputs in images per second.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence, Union
 
-from .bench import SHOTS, WAYS, enroll_random, machine, rate, source_images, time_calls
+from .bench import K_SHOT, N_WAY, enroll_random, machine, rate, source_images, time_calls
 from .bundle import open_bundle
 from .errors import FewShotInputError
 from .model import FewShotModel
 from .preprocess import preprocess
 
-CLASSES = 20
+MODES_N_WAY = 20  # classes enrolled to time each adaptation mode
 ACCURACY_FIELDS = ("accuracy", "ci95", "delta", "delta_ci95")
 
 
@@ -33,7 +33,7 @@ def compare_precisions(bundle: Union[str, Path], runs: int = 1000, batch: int = 
     rows: dict[str, dict[str, Any]] = {}
     for precision in opened_bundle.precisions:
         with FewShotModel.open(bundle, precision=precision, **opened) as model:
-            enroll_random(model, WAYS, SHOTS)
+            enroll_random(model, N_WAY, K_SHOT)
             one = source_images(model.spec, 1)
             encoder_one, encoder_batch = preprocess(one, model.spec), preprocess(source_images(model.spec, batch, seed=7), model.spec)
             rows[precision] = {
@@ -61,9 +61,9 @@ def compare_modes(bundle: Union[str, Path], modes: Sequence[str], runs: int = 10
     rows: dict[str, dict[str, Any]] = {}
     for mode in dict.fromkeys([*(["prototype"] if "prototype" in listed else []), *modes]):
         with FewShotModel.open(bundle, adapt=mode, **opened) as model:
-            enroll_random(model, CLASSES, SHOTS)
+            enroll_random(model, MODES_N_WAY, K_SHOT)
             one = source_images(model.spec, 1)
             rows[mode] = {"refit": time_calls(model.refit, refits, warmup=1),
                           "predict": time_calls(lambda: model.predict(one), runs)}
     return {"bundle": str(bundle), "machine": machine(), "threads": opened.get("threads"), "precision": opened.get("precision", "fp32"),
-            "enrolled": f"{CLASSES} classes x {SHOTS} shots", "modes": rows}
+            "enrolled": f"{MODES_N_WAY} classes x {K_SHOT} shots", "modes": rows}

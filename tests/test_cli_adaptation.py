@@ -23,20 +23,20 @@ def run(*args: object, ok: bool = True):
     return result
 
 
-def character_files(run_dir: Path, out: Path, n_classes: int = 4, shots: int = 3) -> tuple[Path, list[Path], list[str]]:
+def character_files(run_dir: Path, out: Path, n_way: int = 4, k_shot: int = 3) -> tuple[Path, list[Path], list[str]]:
     """PNG files of held-out characters as a user has them (black strokes on white): a folder per class
-    with ``shots`` images, and one more image per class as a query."""
+    with ``k_shot`` images, and one more image per class as a query."""
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     validation = load_splits(config)[1]
     queries, labels = [], []
-    for c in range(n_classes):
-        ids = np.flatnonzero(validation.labels == c)[: shots + 1]
+    for c in range(n_way):
+        ids = np.flatnonzero(validation.labels == c)[: k_shot + 1]
         for i, image_id in enumerate(ids):
-            folder = out / "queries" if i == shots else out / "shots" / f"char{c}"
+            folder = out / "queries" if i == k_shot else out / "shots" / f"char{c}"
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"char{c}_{i}.png"
             Image.fromarray(255 - validation.images[image_id, 0]).save(path)  # the data set stores them inverted
-            if i == shots:
+            if i == k_shot:
                 queries.append(path)
                 labels.append(f"char{c}")
     return out / "shots", queries, labels

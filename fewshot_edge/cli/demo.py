@@ -28,13 +28,13 @@ from .options import bundle_option
 @bundle_option
 @click.option("--data", metavar="ZIP", help="An Omniglot zip (or the same tree unpacked): run N-way 1-shot "
                                        "episodes on its characters instead of drawn symbols.")
-@click.option("--ways", default=5, metavar="N", show_default=True, help="Classes to enroll, one shot each.")
-@click.option("--queries", default=5, metavar="Q", show_default=True, help="New drawings to classify per class.")
+@click.option("--ways", "n_way", default=5, metavar="N", show_default=True, help="Classes to enroll, one shot each.")
+@click.option("--queries", "q_query", default=5, metavar="Q", show_default=True, help="New drawings to classify per class.")
 @click.option("--episodes", default=200, metavar="E", show_default=True, help="With --data: episodes to average over.")
 @click.option("--seed", default=0, metavar="S", show_default=True, help="Seed of the drawings (or episodes).")
 @click.option("--out", metavar="DIR", help="Folder for the PNGs drawn [a new temporary folder].")
 @reports_input_errors
-def demo(bundle: Optional[str], data: Optional[str], ways: int, queries: int, episodes: int, seed: int,
+def demo(bundle: Optional[str], data: Optional[str], n_way: int, q_query: int, episodes: int, seed: int,
          out: Optional[str]) -> None:
     """Teach the model new symbols from one drawing each, then classify new drawings.
 
@@ -45,13 +45,13 @@ def demo(bundle: Optional[str], data: Optional[str], ways: int, queries: int, ep
     With --data it runs real N-way 1-shot episodes on Omniglot characters and prints the accuracy
     with a 95% confidence interval.
     """
-    if ways < 2 or queries < 1 or episodes < 1:
+    if n_way < 2 or q_query < 1 or episodes < 1:
         raise InputError("--ways must be at least 2, --queries and --episodes at least 1")
     bundle_dir = Path(bundle) if bundle else default_bundle()
     if data:
-        omniglot_episodes(bundle_dir, data, ways, queries, episodes, seed)
+        omniglot_episodes(bundle_dir, data, n_way, q_query, episodes, seed)
     else:
-        drawn_symbols(bundle_dir, bundle, ways, queries, seed, out)
+        drawn_symbols(bundle_dir, bundle, n_way, q_query, seed, out)
 
 
 def classify(model: FewShotModel, images: Sequence[Any]) -> tuple[list[Prediction], list[float]]:
@@ -64,17 +64,17 @@ def classify(model: FewShotModel, images: Sequence[Any]) -> tuple[list[Predictio
     return predictions, latencies
 
 
-def drawn_symbols(bundle_dir: Path, bundle: Optional[str], ways: int, queries: int, seed: int,
+def drawn_symbols(bundle_dir: Path, bundle: Optional[str], n_way: int, q_query: int, seed: int,
                   out: Optional[str]) -> None:
     """The default demo: procedural symbols, written as PNGs, enrolled into a temporary store."""
     rng = np.random.default_rng(seed)
-    symbol_seeds = rng.integers(2**31, size=ways + 1)
+    symbol_seeds = rng.integers(2**31, size=n_way + 1)
     symbols = [glyphs.draw(int(s)) for s in symbol_seeds]
-    labels = [f"symbol-{i + 1}" for i in range(ways)]
+    labels = [f"symbol-{i + 1}" for i in range(n_way)]
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="fewshot-edge-demo-"))
     shots = {label: glyphs.perturb(symbol, int(rng.integers(2**31))) for label, symbol in zip(labels, symbols)}
     drawings = {f"{label}-{j + 1}": (label, glyphs.perturb(symbol, int(rng.integers(2**31))))
-                for label, symbol in zip(labels, symbols) for j in range(queries)}
+                for label, symbol in zip(labels, symbols) for j in range(q_query)}
     drawings["unseen"] = ("unknown", glyphs.perturb(symbols[-1], int(rng.integers(2**31))))
     for label, image in shots.items():
         _save(image, folder / "shots" / label / "1.png")
@@ -91,8 +91,8 @@ def drawn_symbols(bundle_dir: Path, bundle: Optional[str], ways: int, queries: i
     known = list(zip(predictions[:-1], truth[:-1]))
     correct = sum(p.label == t for p, t in known)
     unseen = predictions[-1]
-    click.echo(f"drew {ways} symbols and one unseen symbol; PNGs in {folder}")
-    click.echo(f"enrolled {ways} symbols from one drawing each")
+    click.echo(f"drew {n_way} symbols and one unseen symbol; PNGs in {folder}")
+    click.echo(f"enrolled {n_way} symbols from one drawing each")
     click.echo(f"new drawings: {correct}/{len(known)} correct ({100 * correct / len(known):.1f}%), "
                f"{sum(p.label == 'unknown' for p, _ in known)} answered unknown")
     limit = "no open-set threshold in this bundle" if threshold is None else f"1-shot threshold {threshold:.4g}"
@@ -106,7 +106,7 @@ def drawn_symbols(bundle_dir: Path, bundle: Optional[str], ways: int, queries: i
     click.echo(f"  fewshot-edge classes list {bundle_args(bundle, store)}")
 
 
-def omniglot_episodes(bundle_dir: Path, data: str, ways: int, queries: int, episodes: int, seed: int) -> None:
+def omniglot_episodes(bundle_dir: Path, data: str, n_way: int, q_query: int, episodes: int, seed: int) -> None:
     """N-way 1-shot episodes on the characters of an Omniglot zip or folder, through the runtime."""
     from fewshot_edge.data._sources import collect, open_sources
 
@@ -114,19 +114,19 @@ def omniglot_episodes(bundle_dir: Path, data: str, ways: int, queries: int, epis
     accuracy, latencies, unknown = [], [], 0
     with open_sources(data) as trees, FewShotModel.open(bundle_dir) as model:
         characters = list(collect(trees, depth=2).values())
-        if len(characters) < ways:
-            raise InputError(f"{data} has {len(characters)} characters, fewer than --ways {ways}")
+        if len(characters) < n_way:
+            raise InputError(f"{data} has {len(characters)} characters, fewer than --ways {n_way}")
         for _ in tqdm(range(episodes), desc="episodes", unit="episode", disable=None):
-            drawings = [_sample(characters[c], 1 + queries, rng) for c in rng.choice(len(characters), ways, replace=False)]
+            drawings = [_sample(characters[c], 1 + q_query, rng) for c in rng.choice(len(characters), n_way, replace=False)]
             predictions, times = _episode(model, drawings)
-            truth = [c for c in range(ways) for _ in range(queries)]
+            truth = [c for c in range(n_way) for _ in range(q_query)]
             accuracy.append(np.mean([p.top_k[0][0] == f"class-{t}" for p, t in zip(predictions, truth)]))
             unknown += sum(p.label == "unknown" for p in predictions)
             latencies += times
     mean, ci95 = confidence_interval(np.asarray(accuracy))
-    click.echo(f"{ways}-way 1-shot on {data}: {100 * mean:.2f}% +- {100 * ci95:.2f} (95% CI, {episodes} episodes, "
-               f"{queries} queries per class)")
-    click.echo(f"answered unknown: {100 * unknown / (episodes * ways * queries):.1f}% of queries (all were of enrolled classes)")
+    click.echo(f"{n_way}-way 1-shot on {data}: {100 * mean:.2f}% +- {100 * ci95:.2f} (95% CI, {episodes} episodes, "
+               f"{q_query} queries per class)")
+    click.echo(f"answered unknown: {100 * unknown / (episodes * n_way * q_query):.1f}% of queries (all were of enrolled classes)")
     click.echo(f"latency: {1e3 * float(np.median(latencies)):.2f} ms per image (median; decoded image -> label)")
 
 
