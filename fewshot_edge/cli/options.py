@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -42,7 +43,7 @@ def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add --precision, --backend, --provider and --engine-dir; the command gets them as one ``engine``
     dict of ``FewShotModel.open`` arguments."""
     @functools.wraps(func)
-    def wrapper(*args: Any, precision: str, backend: str, provider: tuple[str, ...], engines: Optional[str],
+    def wrapper(*args: Any, precision: str, backend: str, provider: tuple[str, ...], engines: str | None,
                 **kwargs: Any) -> Any:
         if provider and backend != AUTO:
             raise InputError("give --backend or --provider, not both")
