@@ -27,6 +27,7 @@ from fewshot_edge.runtime.adapters import distances, logits_from_distances
 from fewshot_edge.runtime.bundle import OPEN_SET_BY_SHOTS
 from fewshot_edge.runtime.preprocess import normalize
 from fewshot_edge.runtime.store import Shots
+from fewshot_edge.runtime.errors import FewShotInputError
 
 EpisodeEmbedder = Callable[[np.ndarray, int], np.ndarray]  # ids (2n, shots + queries), shot count -> (2n, shots + queries, D)
 
@@ -74,7 +75,7 @@ def fit_open_set(known: np.ndarray, unknown: np.ndarray, target_false_reject: fl
     distances), one more threshold per shot count, fitted the same way on that count's queries.
     """
     if not 0.0 < target_false_reject < 1.0:
-        raise ValueError(f"target false-reject rate must be in (0, 1), got {target_false_reject}")
+        raise FewShotInputError(f"target false-reject rate must be in (0, 1), got {target_false_reject}")
     threshold, false_accept, false_reject = _fit_threshold(known, unknown, target_false_reject)
     by_shots: dict[str, dict[int, float] | None] = dict.fromkeys(OPEN_SET_BY_SHOTS)
     if shots is not None:
@@ -99,7 +100,7 @@ def calibrate(adapter: Adapter, data: FewShotDataset, episodes: int = 500, n_way
     classes) embedded by ``adapter`` (the bundle's default mode), and the fine-tuned head's temperature
     when the bundle has a fine-tune mode."""
     if episodes < 1:
-        raise ValueError(f"calibration needs at least 1 episode, got {episodes}")
+        raise FewShotInputError(f"calibration needs at least 1 episode, got {episodes}")
     sampler = EpisodeSampler(data, 2 * n_way, max_shot, q_query, seed=seed)
     index = np.stack([sampler.sample().index.cpu().numpy() for _ in range(episodes)])  # (E, 2n, shots + queries)
     shots = np.random.default_rng(seed).permutation(np.arange(episodes) % max_shot + 1)

@@ -23,6 +23,7 @@ from torch import nn
 from fewshot_edge.methods import FewShotMethod
 from fewshot_edge.methods.film import split_film
 from fewshot_edge.runtime.preprocess import InputSpec
+from fewshot_edge.runtime.errors import FewShotInputError
 
 OPSET = 17
 INPUT_NAME = "images"
@@ -88,7 +89,7 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, ...], path: str | Pa
             input_names: Sequence[str], output_name: str) -> onnx.ModelProto:
     """Trace ``module`` to ``path`` with a dynamic first axis on ``images`` (and on a batched output); check it."""
     if opset < OPSET:
-        raise ValueError(f"opset must be at least {OPSET}, got {opset}")
+        raise FewShotInputError(f"opset must be at least {OPSET}, got {opset}")
     dynamic = {INPUT_NAME: {0: "batch"}, **({OUTPUT_NAME: {0: "batch"}} if output_name == OUTPUT_NAME else {})}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter announces its age

@@ -17,6 +17,7 @@ from fewshot_edge.methods.film import split_film
 from fewshot_edge.runtime import Adapter
 from fewshot_edge.runtime.adapters import FilmAdapter
 from fewshot_edge.runtime.preprocess import InputSpec, normalize
+from fewshot_edge.runtime.errors import FewShotInputError
 
 BATCH_SIZES = (1, 2, 7, 32)
 RANDOM_FILM_STD = 0.1
@@ -63,7 +64,7 @@ def check_parity(method: FewShotMethod, adapter: Adapter, spec: InputSpec,
     (the runtime's adapter of the bundle's mode, over its encoder engine, and its context engine for FiLM).
     """
     if tolerance < 0:
-        raise ValueError(f"tolerance must be non-negative, got {tolerance}")
+        raise FewShotInputError(f"tolerance must be non-negative, got {tolerance}")
     rng = np.random.default_rng(seed)
     shape = (spec.channels, spec.height, spec.width)
     batches = {f"random batch of {n}": rng.integers(0, 256, size=(n, *shape), dtype=np.uint8) for n in batch_sizes}

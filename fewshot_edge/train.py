@@ -127,13 +127,12 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "config.json")
-
     train_data, val_data = load_splits(config)
     # channels-last convolutions run about 2x faster in bf16 on CPU (oneDNN) and use tensor cores on GPU
     method = build_method(config, train_data.spec, initialize=resume is None).to(device, memory_format=torch.channels_last)
+    out = Path(config.out)  # written only once the data and the method are known to be good
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / "config.json")
     if config.compile:  # in place, so checkpoint keys stay the same; CUDA graphs cut launch overhead
         method.backbone.compile(mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
     optimizer = torch.optim.Adam(method.parameters(), lr=config.lr, weight_decay=config.weight_decay,

@@ -77,8 +77,11 @@ def test_train_export_enroll_predict(omniglot_small1, tmp_path, method, options,
     (["--method", "anil", "--metric", "cosine"], "method 'anil' has no option 'metric'"),
     (["--method", "film", "-O", "task_dim"], "--method-option takes KEY=VALUE, got 'task_dim'"),
     (["--method", "maml"], "unknown method 'maml'; choose from anil, film, protonet"),
+    (["--method", "film", "-O", "task_dim=wide"], "method 'film' option 'task_dim' takes a whole number, got 'wide'"),
+    (["--method", "anil", "-O", "first_order=1"], "method 'anil' option 'first_order' takes a true/false, got 1"),
+    (["--method", "anil", "-O", "inner_steps=-1"], "inner_steps must be 0 or more, got -1"),
 ])
 def test_bad_method_options_are_one_line_exit_2(omniglot_small1, tmp_path, options, message):
-    result = run("train", "--source", omniglot_small1, *options, "--out", tmp_path / "o", ok=False)
+    result = run("train", "--source", omniglot_small1, "--holdout", "1", *options, "--out", tmp_path / "o", ok=False)
     assert result.exit_code == 2 and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -77,7 +77,7 @@ def data_options(image_size: int | None, channels: int | None, rotations: bool |
 
 def method_options(method: str, metric: str | None, pairs: Sequence[str]) -> dict[str, Any]:
     """The options of ``method`` from --metric and KEY=VALUE pairs, checked against those it declares."""
-    accepted = [option.name for option in _method_registry()[method].declared_options()]
+    defaults = {option.name: option.default for option in _method_registry()[method].declared_options()}
     options: dict[str, Any] = {} if metric is None else {"metric": metric}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -87,10 +87,24 @@ def method_options(method: str, metric: str | None, pairs: Sequence[str]) -> dic
             options[key] = json.loads(text)
         except json.JSONDecodeError:
             options[key] = text
-    unknown = [key for key in options if key not in accepted]
-    if unknown:
-        raise InputError(f"method {method!r} has no option {unknown[0]!r} (it takes: {', '.join(accepted) or 'none'})")
+    for key, value in options.items():
+        if key not in defaults:
+            raise InputError(f"method {method!r} has no option {key!r} (it takes: {', '.join(defaults) or 'none'})")
+        expected = _kind(defaults[key])
+        if expected is not None and _kind(value) != expected and not (expected == "number" and _kind(value) == "whole number"):
+            raise InputError(f"method {method!r} option {key!r} takes a {expected}, got {value!r}")
     return options
+
+
+def _kind(value: Any) -> str | None:
+    """What kind of value an option takes, judged by its default (None: any)."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int):
+        return "whole number"
+    if isinstance(value, float):
+        return "number"
+    return "text" if isinstance(value, str) else None
 
 
 @main.command(cls=TrainCommand)
@@ -211,7 +225,8 @@ def evaluate(checkpoint: str, sources: tuple[str, ...], way: int, shot: int, que
     from fewshot_edge.data import load_dataset
     from fewshot_edge.data.omniglot import upright
     from fewshot_edge.evaluate import evaluate as run_eval
-    from fewshot_edge.train import load_splits, resolve_device
+    from fewshot_edge.data.splits import load_splits
+    from fewshot_edge.train import resolve_device
 
     dev = resolve_device(device)
     method, config, _, _ = load_checkpoint(checkpoint, dev)

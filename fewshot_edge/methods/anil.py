@@ -23,6 +23,7 @@ from torch.func import grad
 from torch.nn import functional as F
 
 from fewshot_edge.models import Backbone
+from fewshot_edge.runtime.errors import FewShotInputError
 
 from .base import FewShotMethod, register_method
 from .protonet import prototypes
@@ -76,9 +77,9 @@ class ANIL(FewShotMethod):
     def __init__(self, backbone: Backbone, inner_steps: int = 5, step_size: float = 0.001, per_parameter: bool = False,
                  first_order: bool = False, inner_l2: float = 0.0, learn_step_sizes: bool = True) -> None:
         if inner_steps < 0:
-            raise ValueError(f"inner_steps must be 0 or more, got {inner_steps}")
+            raise FewShotInputError(f"inner_steps must be 0 or more, got {inner_steps}")
         if inner_l2 < 0:
-            raise ValueError(f"inner_l2 must be 0 or more, got {inner_l2}")
+            raise FewShotInputError(f"inner_l2 must be 0 or more, got {inner_l2}")
         super().__init__(backbone, inner_steps=inner_steps, step_size=step_size, per_parameter=per_parameter,
                          first_order=first_order, inner_l2=inner_l2, learn_step_sizes=learn_step_sizes)
         self.first_order = first_order

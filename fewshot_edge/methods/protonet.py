@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fewshot_edge.models import Backbone
+from fewshot_edge.runtime.errors import FewShotInputError
 
 from .base import FewShotMethod, register_method
 
@@ -37,7 +38,7 @@ class ProtoNet(FewShotMethod):
 
     def __init__(self, backbone: Backbone, metric: str = "sqeuclidean", **options: Any) -> None:
         if metric not in ("sqeuclidean", "cosine"):
-            raise ValueError(f"metric must be 'sqeuclidean' or 'cosine', got {metric!r}")
+            raise FewShotInputError(f"metric must be 'sqeuclidean' or 'cosine', got {metric!r}")
         super().__init__(backbone, metric=metric, **options)
         self.metric = metric
         self.scale = nn.Parameter(torch.tensor(10.0)) if metric == "cosine" else None

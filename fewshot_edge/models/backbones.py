@@ -88,7 +88,7 @@ def conv4(in_channels: int, image_size: int, width: int = 64) -> Backbone:
     for _ in range(4):
         side //= 2
     if side < 1:
-        raise ValueError(f"image_size {image_size} is too small for Conv-4 (needs >= 16)")
+        raise FewShotInputError(f"image_size {image_size} is too small for Conv-4 (needs >= 16)")
     blocks = [ConvBlock(in_channels if i == 0 else width, width) for i in range(4)]
     return Backbone(blocks, [width] * 4, width * side * side, global_pool=False)
 
@@ -97,7 +97,7 @@ def conv4(in_channels: int, image_size: int, width: int = 64) -> Backbone:
 def resnet12(in_channels: int, image_size: int, widths: Sequence[int] = (64, 160, 320, 640)) -> Backbone:
     """The few-shot ResNet-12 (Lee et al. 2019): four residual blocks, global average pooling."""
     if image_size < 16:
-        raise ValueError(f"image_size {image_size} is too small for ResNet-12 (needs >= 16)")
+        raise FewShotInputError(f"image_size {image_size} is too small for ResNet-12 (needs >= 16)")
     chans = [in_channels, *widths]
     blocks = [ResBlock(chans[i], chans[i + 1]) for i in range(4)]
     return Backbone(blocks, list(widths), widths[-1], global_pool=True)
