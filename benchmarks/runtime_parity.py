@@ -65,7 +65,7 @@ def main() -> None:
                 truth = ep.query_labels.numpy()
                 torch_pred = method.logits(ep.support, ep.support_labels, ep.query, ep.n_way).argmax(-1).numpy()
                 index = ep.index.numpy()
-                for label, ids in zip(labels, index):
+                for label, ids in zip(labels, index, strict=True):
                     model.enroll(label, [as_drawn(held_out.images[j], spec) for j in ids[:args.shot]])
                 predictions = model.predict([as_drawn(held_out.images[j], spec) for j in index[:, args.shot:].flatten()])
                 runtime_pred = np.array([labels.index(p.top_k[0][0]) for p in predictions])

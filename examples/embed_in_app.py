@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from fewshot_edge.imagefiles import class_folders, image_files
 from fewshot_edge.pretrained import default_bundle

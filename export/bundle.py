@@ -12,10 +12,11 @@ and ``encoder.onnx`` (role "encoder", images and FiLM -> embeddings); its defaul
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -27,8 +28,17 @@ from fewshot_edge.checkpoint import load_checkpoint
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.data.splits import load_splits
 from fewshot_edge.methods import FewShotMethod
-from fewshot_edge.runtime import (ADAPTERS, Adaptation, Adapter, Bundle, EmbeddingSpec, Engine, FewShotInputError,
-                                  open_bundle, write_bundle)
+from fewshot_edge.runtime import (
+    ADAPTERS,
+    Adaptation,
+    Adapter,
+    Bundle,
+    EmbeddingSpec,
+    Engine,
+    FewShotInputError,
+    open_bundle,
+    write_bundle,
+)
 from fewshot_edge.runtime.preprocess import InputSpec
 
 from .calibration import calibrate

@@ -16,7 +16,7 @@ is fitted on the logits of the runtime's ``FinetuneAdapter`` fitted on each epis
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,9 +25,9 @@ from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.runtime import ADAPTERS, Adapter, Calibration, OpenSet
 from fewshot_edge.runtime.adapters import distances, logits_from_distances
 from fewshot_edge.runtime.bundle import OPEN_SET_BY_SHOTS
+from fewshot_edge.runtime.errors import FewShotInputError
 from fewshot_edge.runtime.preprocess import normalize
 from fewshot_edge.runtime.store import Shots
-from fewshot_edge.runtime.errors import FewShotInputError
 
 EpisodeEmbedder = Callable[[np.ndarray, int], np.ndarray]  # ids (2n, shots + queries), shot count -> (2n, shots + queries, D)
 
@@ -95,7 +95,7 @@ def _fit_threshold(known: np.ndarray, unknown: np.ndarray, target_false_reject: 
 
 def calibrate(adapter: Adapter, data: FewShotDataset, episodes: int = 500, n_way: int = 5, max_shot: int = 5,
               q_query: int = 5, target_false_reject: float = 0.05,
-              seed: int = 0) -> tuple[Calibration, Optional[float]]:
+              seed: int = 0) -> tuple[Calibration, float | None]:
     """Temperature and open-set thresholds fitted on ``episodes`` episode pairs from ``data`` (held-out
     classes) embedded by ``adapter`` (the bundle's default mode), and the fine-tuned head's temperature
     when the bundle has a fine-tune mode."""

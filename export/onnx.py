@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import onnx
 import torch
@@ -22,8 +22,8 @@ from torch import nn
 
 from fewshot_edge.methods import FewShotMethod
 from fewshot_edge.methods.film import split_film
-from fewshot_edge.runtime.preprocess import InputSpec
 from fewshot_edge.runtime.errors import FewShotInputError
+from fewshot_edge.runtime.preprocess import InputSpec
 
 OPSET = 17
 INPUT_NAME = "images"

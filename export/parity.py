@@ -6,8 +6,9 @@ vector, and the encoder's embeddings under the bundle's identity FiLM and under 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,8 +17,8 @@ from fewshot_edge.methods import FewShotMethod
 from fewshot_edge.methods.film import split_film
 from fewshot_edge.runtime import Adapter
 from fewshot_edge.runtime.adapters import FilmAdapter
-from fewshot_edge.runtime.preprocess import InputSpec, normalize
 from fewshot_edge.runtime.errors import FewShotInputError
+from fewshot_edge.runtime.preprocess import InputSpec, normalize
 
 BATCH_SIZES = (1, 2, 7, 32)
 RANDOM_FILM_STD = 0.1

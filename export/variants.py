@@ -21,8 +21,9 @@ delta vs fp32 with its CI, and the embeddings' parity (largest absolute and rela
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -136,8 +137,8 @@ def build_variants(adapter: Adapter, precisions: Sequence[str], train: FewShotDa
         variant = type(adapter)(adapter.bundle, Engine(path, disabled_optimizers=disabled))
         embedded = _embed_all(variant, validation, index)
         accuracies = _accuracies(embedded, adapter.embedding)
-        entry = {"role": encoder_role(precision), **dict(zip(("accuracy", "ci95"), confidence_interval(accuracies))),
-                 **dict(zip(("delta", "delta_ci95"), confidence_interval(accuracies - base))),
+        entry = {"role": encoder_role(precision), **dict(zip(("accuracy", "ci95"), confidence_interval(accuracies), strict=True)),
+                 **dict(zip(("delta", "delta_ci95"), confidence_interval(accuracies - base), strict=True)),
                  "parity": _parity(reference, embedded, PARITY_TOLERANCE[precision]), "episodes": described, "method": method,
                  **({"disabled_optimizers": disabled} if disabled else {})}
         if not force:

@@ -57,7 +57,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Parse a saved config; a FiLM ``init_from`` method option (before 0.2) becomes ``init_from``."""
         options = d.get("method_options") or {}
         if "init_from" in options:

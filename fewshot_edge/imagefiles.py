@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -15,11 +14,11 @@ def is_image_name(name: str) -> bool:
     return not hidden and not name.endswith("/") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def image_files(folder: Union[str, Path]) -> list[Path]:
+def image_files(folder: str | Path) -> list[Path]:
     """The image files directly in ``folder``, sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_name(p.name))
 
 
-def class_folders(root: Union[str, Path]) -> dict[str, list[Path]]:
+def class_folders(root: str | Path) -> dict[str, list[Path]]:
     """A class per subfolder of ``root`` (its name -> its image files), sorted; hidden folders skipped."""
     return {d.name: image_files(d) for d in sorted(Path(root).iterdir()) if d.is_dir() and not d.name.startswith(".")}

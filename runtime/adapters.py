@@ -13,7 +13,8 @@ import dataclasses
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class Adapter(ABC):
     options: ClassVar[tuple[str, ...]] = ()
     persistent: ClassVar[bool] = False
 
-    def __init__(self, bundle: Bundle, encoder: Engine, overrides: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(self, bundle: Bundle, encoder: Engine, overrides: Mapping[str, Any] | None = None) -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.embedding: EmbeddingSpec = bundle.manifest.embedding
@@ -63,12 +64,12 @@ class Adapter(ABC):
         FiLM (the unconditioned backbone); modes that condition it override this."""
         return self.encoder.embed(batch, self.identity)
 
-    def condition(self, support: np.ndarray) -> None:
+    def condition(self, support: np.ndarray) -> None:  # noqa: B027 (a no-op unless the mode conditions the encoder)
         """Condition ``embed`` on normalised support images (S, C, H, W), every enrolled shot, as ``fit``
         does for a mode that ``needs_pixels``; the encoder of the other modes ignores the shots."""
 
     @abstractmethod
-    def fit(self, shots: Shots, state: Optional[Mapping[str, np.ndarray]] = None) -> None:
+    def fit(self, shots: Shots, state: Mapping[str, np.ndarray] | None = None) -> None:
         """Fit from every stored shot (possibly none); sets ``labels``, the order of the logits' columns.
         A persistent mode given the ``state`` it saved for these very shots uses it instead of refitting."""
 
@@ -85,7 +86,7 @@ class Adapter(ABC):
 ADAPTERS: dict[str, type[Adapter]] = {}
 
 
-def _identity_film(bundle: Bundle, encoder: Engine) -> Optional[np.ndarray]:
+def _identity_film(bundle: Bundle, encoder: Engine) -> np.ndarray | None:
     """The film vector (F,) that leaves a FiLM encoder unconditioned (the film mode's ``identity``), or
     None for a plain encoder."""
     if not encoder.takes_film:
@@ -126,7 +127,7 @@ class PrototypeAdapter(Adapter):
 
     name = "prototype"
 
-    def fit(self, shots: Shots, state: Optional[Mapping[str, np.ndarray]] = None) -> None:
+    def fit(self, shots: Shots, state: Mapping[str, np.ndarray] | None = None) -> None:
         n_classes = len(shots.labels)
         self._sums = np.zeros((n_classes, self.embedding.size), dtype=np.float64)
         np.add.at(self._sums, shots.targets, shots.embeddings.reshape(-1, self.embedding.size))
@@ -171,7 +172,7 @@ class FilmAdapter(PrototypeAdapter):
     name = "film"
     needs_pixels = True
 
-    def __init__(self, bundle: Bundle, encoder: Engine, overrides: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(self, bundle: Bundle, encoder: Engine, overrides: Mapping[str, Any] | None = None) -> None:
         super().__init__(bundle, encoder, overrides)
         if self.identity is None:
             raise FewShotInputError(f"adaptation mode 'film' needs a FiLM encoder; {encoder.path.name} takes no film input")
@@ -189,7 +190,7 @@ class FilmAdapter(PrototypeAdapter):
         """The film vector becomes the context graph's for ``support`` (one or more images)."""
         self.film = self.context.run(support)
 
-    def fit(self, shots: Shots, state: Optional[Mapping[str, np.ndarray]] = None) -> None:
+    def fit(self, shots: Shots, state: Mapping[str, np.ndarray] | None = None) -> None:
         self.film = self.identity
         if len(shots.ids):
             images = normalize(shots.pixels, self.bundle.manifest.input_spec)
@@ -215,7 +216,7 @@ class FinetuneAdapter(PrototypeAdapter):
     options = ("steps",)
     persistent = True
 
-    def __init__(self, bundle: Bundle, encoder: Engine, overrides: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(self, bundle: Bundle, encoder: Engine, overrides: Mapping[str, Any] | None = None) -> None:
         super().__init__(bundle, encoder, overrides)
         if self.params.get("init", "prototype") != "prototype":
             raise FewShotInputError(f"bundle's fine-tune head init {self.params['init']!r} is not supported (this runtime has: prototype)")
@@ -228,7 +229,7 @@ class FinetuneAdapter(PrototypeAdapter):
             raise FewShotInputError(f"bundle's fine-tune parameters are unusable: {exc}") from None
         self.l2 = float(self.params.get("l2", 0.0))
 
-    def fit(self, shots: Shots, state: Optional[Mapping[str, np.ndarray]] = None) -> None:
+    def fit(self, shots: Shots, state: Mapping[str, np.ndarray] | None = None) -> None:
         super().fit(shots)
         if state is not None:
             self.weight, self.bias = state["weight"], state["bias"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import onnxruntime as ort
 
@@ -51,7 +52,7 @@ class Selection:
         return text
 
 
-def tensorrt_missing() -> Optional[str]:
+def tensorrt_missing() -> str | None:
     """Why a TensorRT engine cannot run here (None when ``tensorrt`` and CUDA bindings are importable)."""
     if importlib.util.find_spec("tensorrt") is None:
         return "tensorrt is not installed"
@@ -70,7 +71,7 @@ def _importable(module: str) -> bool:
 _DETECT: Any = object()
 
 
-def select(backend: str = AUTO, providers: Optional[Sequence[str]] = None, tensorrt_reason: Optional[str] = _DETECT) -> Selection:
+def select(backend: str = AUTO, providers: Sequence[str] | None = None, tensorrt_reason: str | None = _DETECT) -> Selection:
     """The backend to run: ``backend`` itself (an error when it cannot run here) or, for "auto", the
     first of ``BACKENDS`` that can. ``providers`` (default: this onnxruntime's) and ``tensorrt_reason``
     (why no TensorRT engine can run, None = it can; default: ``tensorrt_missing()``) describe the machine."""
@@ -89,14 +90,14 @@ def select(backend: str = AUTO, providers: Optional[Sequence[str]] = None, tenso
     raise FewShotInputError(f"no backend can run here: {'; '.join(f'{k}: {v}' for k, v in skipped.items())}")
 
 
-def availability(providers: Optional[Sequence[str]] = None, tensorrt_reason: Optional[str] = _DETECT) -> dict[str, Optional[str]]:
+def availability(providers: Sequence[str] | None = None, tensorrt_reason: str | None = _DETECT) -> dict[str, str | None]:
     """Backend -> why it cannot run here (None: it can), best first; arguments as ``select``'s."""
     available = list(ort.get_available_providers() if providers is None else providers)
     trt_reason = tensorrt_missing() if tensorrt_reason is _DETECT else tensorrt_reason
     return {name: trt_reason if name == TENSORRT else _provider_missing(name, available) for name in BACKENDS}
 
 
-def _provider_missing(backend: str, available: Sequence[str]) -> Optional[str]:
+def _provider_missing(backend: str, available: Sequence[str]) -> str | None:
     first = ORT_PROVIDERS[backend][0]
     return None if first in available else f"{first} is not in this onnxruntime build"
 
@@ -120,7 +121,7 @@ def provider_options(providers: Sequence[str], precision: str, cache_dir: Path) 
     return [(p, trt_options) if p == "TensorrtExecutionProvider" else p for p in providers]
 
 
-def engine_dir(bundle_dir: Union[str, Path], override: Union[str, Path, None] = None) -> Path:
+def engine_dir(bundle_dir: str | Path, override: str | Path | None = None) -> Path:
     """Where engines of this bundle are cached: ``override``, else ``<bundle>/engines`` when the bundle
     folder is writable, else ``~/.cache/fewshot-edge/engines/<bundle folder name>``."""
     if override is not None:
@@ -136,8 +137,8 @@ def announce(selection: Selection) -> None:
     log.info("fewshot-edge: %s", selection.describe())
 
 
-def open_encoder(bundle: Bundle, precision: str = "fp32", backend: str = AUTO, providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None, film_input: str = "film", engines: Union[str, Path, None] = None) -> Engine:
+def open_encoder(bundle: Bundle, precision: str = "fp32", backend: str = AUTO, providers: Sequence[str] | None = None,
+                 threads: int | None = None, film_input: str = "film", engines: str | Path | None = None) -> Engine:
     """The bundle's ``precision`` encoder on ``backend`` ("auto": the best this machine can run, logged),
     or on exactly ``providers`` when given (an onnxruntime provider list, as before backends existed).
     onnxruntime runs a variant without the graph optimizers its manifest entry names (``disabled_optimizers``)."""

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -68,9 +69,9 @@ def enroll_random(model: FewShotModel, n_way: int, k_shot: int) -> None:
 
 
 def run_benchmark(
-    bundle: Union[str, Path], threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+    bundle: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
     runs: int = 1000, batch: int = 256, seconds: float = 2.0, enroll_runs: int = 100, child_runs: int = 300,
-    precision: str = "fp32", backend: str = "auto", engines: Optional[str] = None,
+    precision: str = "fp32", backend: str = "auto", engines: str | None = None,
 ) -> dict[str, Any]:
     """Measure the bundle (see the module docstring) and return the figures as a JSON-ready dict.
 
@@ -124,7 +125,7 @@ def machine() -> dict[str, Any]:
             "onnxruntime": ort.__version__}
 
 
-def _enroll_latency(bundle: Union[str, Path], store: Path, opened: dict[str, Any], runs: int) -> dict[str, float]:
+def _enroll_latency(bundle: str | Path, store: Path, opened: dict[str, Any], runs: int) -> dict[str, float]:
     """Latency of enrolling one class of ``K_SHOT`` decoded images into a fresh SQLite store."""
     with FewShotModel.open(bundle, store=store, **opened) as model:
         shots = source_images(model.spec, K_SHOT, seed=N_WAY + 2)
@@ -132,7 +133,7 @@ def _enroll_latency(bundle: Union[str, Path], store: Path, opened: dict[str, Any
         return time_calls(lambda: model.enroll(f"class-{next(labels)}", shots), runs)
 
 
-def _fresh_process(bundle: Union[str, Path], store: Path, opened: dict[str, Any], runs: int) -> dict[str, Any]:
+def _fresh_process(bundle: str | Path, store: Path, opened: dict[str, Any], runs: int) -> dict[str, Any]:
     """Cold start (process start to the first prediction) and peak RSS of a new interpreter that
     opens the bundle and store and then predicts one image ``runs`` times."""
     config = json.dumps({"bundle": str(bundle), "store": str(store), "opened": opened, "runs": runs})

@@ -11,8 +11,10 @@ one-image prediction latency in that mode. Latencies in milliseconds, throughput
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 from .bench import K_SHOT, N_WAY, enroll_random, machine, rate, source_images, time_calls
 from .bundle import open_bundle
@@ -24,7 +26,7 @@ MODES_N_WAY = 20  # classes enrolled to time each adaptation mode
 ACCURACY_FIELDS = ("accuracy", "ci95", "delta", "delta_ci95")
 
 
-def compare_precisions(bundle: Union[str, Path], runs: int = 1000, batch: int = 256, seconds: float = 2.0,
+def compare_precisions(bundle: str | Path, runs: int = 1000, batch: int = 256, seconds: float = 2.0,
                        **opened: Any) -> dict[str, Any]:
     """Figures per precision (see the module docstring) as a JSON-ready dict; ``opened`` are further
     ``FewShotModel.open`` arguments (threads, backend, providers, engines)."""
@@ -38,9 +40,9 @@ def compare_precisions(bundle: Union[str, Path], runs: int = 1000, batch: int = 
             encoder_one, encoder_batch = preprocess(one, model.spec), preprocess(source_images(model.spec, batch, seed=7), model.spec)
             rows[precision] = {
                 "providers": model.engine.providers,
-                "predict": time_calls(lambda: model.predict(one), runs),
-                "encoder": time_calls(lambda: model.engine.embed(encoder_one), runs),
-                "encoder_images_per_s": rate(lambda: model.engine.embed(encoder_batch), batch, seconds),
+                "predict": time_calls(partial(model.predict, one), runs),
+                "encoder": time_calls(partial(model.engine.embed, encoder_one), runs),
+                "encoder_images_per_s": rate(partial(model.engine.embed, encoder_batch), batch, seconds),
                 **{k: variants.get(precision, {}).get(k) for k in ACCURACY_FIELDS},
             }
     for row in rows.values():
@@ -49,7 +51,7 @@ def compare_precisions(bundle: Union[str, Path], runs: int = 1000, batch: int = 
             "batch": batch, "accuracy_on": variants.get("fp32", {}).get("episodes"), "precisions": rows}
 
 
-def compare_modes(bundle: Union[str, Path], modes: Sequence[str], runs: int = 1000, refits: int = 20,
+def compare_modes(bundle: str | Path, modes: Sequence[str], runs: int = 1000, refits: int = 20,
                   **opened: Any) -> dict[str, Any]:
     """Figures per adaptation mode, prototype first when the bundle has it (see the module docstring), as a JSON-ready dict;
     ``opened`` as ``compare_precisions``'s (precision too). A mode the bundle does not list is a
@@ -64,6 +66,6 @@ def compare_modes(bundle: Union[str, Path], modes: Sequence[str], runs: int = 10
             enroll_random(model, MODES_N_WAY, K_SHOT)
             one = source_images(model.spec, 1)
             rows[mode] = {"refit": time_calls(model.refit, refits, warmup=1),
-                          "predict": time_calls(lambda: model.predict(one), runs)}
+                          "predict": time_calls(partial(model.predict, one), runs)}
     return {"bundle": str(bundle), "machine": machine(), "threads": opened.get("threads"), "precision": opened.get("precision", "fp32"),
             "enrolled": f"{MODES_N_WAY} classes x {K_SHOT} shots", "modes": rows}

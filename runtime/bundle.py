@@ -19,9 +19,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 from .errors import FewShotInputError
 from .preprocess import InputSpec
@@ -35,7 +36,7 @@ OPEN_SET_BY_SHOTS = ("thresholds_by_shots", "false_accept_by_shots", "false_reje
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
-FileSource = Union[str, Path, bytes]
+FileSource = str | Path | bytes
 
 
 def encoder_role(precision: str) -> str:
@@ -73,15 +74,15 @@ class OpenSet:
     ``false_*_by_shots`` per shot count). In JSON the shot counts are string keys.
     """
 
-    threshold: Optional[float] = None
+    threshold: float | None = None
     statistic: str = "nearest_distance"
-    target_false_reject: Optional[float] = None
-    false_accept: Optional[float] = None
-    false_reject: Optional[float] = None
-    fitted_on: Optional[str] = None
-    thresholds_by_shots: Optional[Mapping[int, float]] = None
-    false_accept_by_shots: Optional[Mapping[int, float]] = None
-    false_reject_by_shots: Optional[Mapping[int, float]] = None
+    target_false_reject: float | None = None
+    false_accept: float | None = None
+    false_reject: float | None = None
+    fitted_on: str | None = None
+    thresholds_by_shots: Mapping[int, float] | None = None
+    false_accept_by_shots: Mapping[int, float] | None = None
+    false_reject_by_shots: Mapping[int, float] | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None:
@@ -96,7 +97,7 @@ class OpenSet:
                     raise FewShotInputError(f"open-set {name} keys must be shot counts >= 1, got {sorted(by_shots)}")
                 object.__setattr__(self, name, by_shots)
 
-    def threshold_for(self, shots: int) -> Optional[float]:
+    def threshold_for(self, shots: int) -> float | None:
         """The threshold for a nearest class with ``shots`` shots: that count's own, the largest
         fitted count's beyond it, the pooled ``threshold`` for a count without one."""
         if not self.thresholds_by_shots:
@@ -171,7 +172,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Manifest":
+    def from_dict(cls, d: Any) -> Manifest:
         """Parse a manifest dict; a wrong format, unknown version or missing key raises FewShotInputError."""
         if not isinstance(d, dict):
             raise FewShotInputError("manifest.json must hold a JSON object")
@@ -274,7 +275,7 @@ def compute_model_id(file_hashes: Mapping[str, str]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def open_bundle(path: Union[str, Path]) -> Bundle:
+def open_bundle(path: str | Path) -> Bundle:
     """Open a bundle folder, verifying format, version, every file's sha256 and the model id."""
     root = Path(path)
     manifest_path = root / MANIFEST
@@ -302,17 +303,17 @@ def open_bundle(path: Union[str, Path]) -> Bundle:
 
 
 def write_bundle(
-    out_dir: Union[str, Path],
+    out_dir: str | Path,
     files: Mapping[str, FileSource],
     *,
     input_spec: InputSpec,
     embedding: EmbeddingSpec,
     adaptation: Adaptation = Adaptation(),
     calibration: Calibration = Calibration(),
-    provenance: Optional[Mapping[str, Any]] = None,
-    roles: Optional[Mapping[str, str]] = None,
+    provenance: Mapping[str, Any] | None = None,
+    roles: Mapping[str, str] | None = None,
     overwrite: bool = False,
-    variants: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Bundle:
     """Write a bundle atomically: files (name -> source path or bytes) and manifest go to a temporary
     folder beside ``out_dir`` that is renamed into place, so no reader ever sees half a bundle.

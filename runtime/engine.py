@@ -6,8 +6,9 @@ runs the graph that computes that vector from a set of images.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -18,10 +19,10 @@ from .errors import FewShotInputError
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
-Provider = Union[str, tuple[str, dict[str, Any]]]  # a name, or (name, provider options)
+Provider = str | tuple[str, dict[str, Any]]  # a name, or (name, provider options)
 
 
-def _open_session(path: Union[str, Path], providers: Sequence[Provider], threads: Optional[int], what: str,
+def _open_session(path: str | Path, providers: Sequence[Provider], threads: int | None, what: str,
                   disabled_optimizers: Sequence[str] = ()) -> ort.InferenceSession:
     """An optimised session on exactly these providers, less the named graph optimizers (a model may
     need one off to run fast); a missing provider or unreadable model is a FewShotInputError."""
@@ -44,7 +45,7 @@ def _open_session(path: Union[str, Path], providers: Sequence[Provider], threads
         raise FewShotInputError(f"cannot load {what} {path}: {reason}") from None
 
 
-def _static(shape: Sequence[object]) -> tuple[Optional[int], ...]:
+def _static(shape: Sequence[object]) -> tuple[int | None, ...]:
     return tuple(d if isinstance(d, int) else None for d in shape)
 
 
@@ -60,9 +61,9 @@ class Engine:
 
     def __init__(
         self,
-        onnx_path: Union[str, Path],
-        providers: Optional[Sequence[Provider]] = None,
-        threads: Optional[int] = None,
+        onnx_path: str | Path,
+        providers: Sequence[Provider] | None = None,
+        threads: int | None = None,
         max_batch: int = 64,
         film_input: str = "film",
         disabled_optimizers: Sequence[str] = (),
@@ -80,8 +81,8 @@ class Engine:
             )
         images = next(i for i in inputs if i.name != film_input) if films else inputs[0]
         self._input_name = images.name
-        self._film_name: Optional[str] = films[0].name if films else None
-        self.film_size: Optional[int] = _static(films[0].shape)[0] if films and films[0].shape else None
+        self._film_name: str | None = films[0].name if films else None
+        self.film_size: int | None = _static(films[0].shape)[0] if films and films[0].shape else None
         self._output_names = [outputs[0].name]
         self.input_shape = _static(images.shape)
         self._fixed_batch = self.input_shape[0] if self.input_shape else None
@@ -91,7 +92,7 @@ class Engine:
     def takes_film(self) -> bool:
         return self._film_name is not None
 
-    def embed(self, batch: np.ndarray, film: Optional[np.ndarray] = None) -> np.ndarray:
+    def embed(self, batch: np.ndarray, film: np.ndarray | None = None) -> np.ndarray:
         """Embeddings (N, D) for a float32 batch (N, C, H, W), under ``film`` (F,) for a FiLM encoder."""
         if (film is None) != (self._film_name is None):
             raise FewShotInputError(
@@ -102,7 +103,7 @@ class Engine:
             return self._run(batch, film)
         return np.concatenate([self._run_padded(batch[i:i + self.max_batch], film) for i in range(0, len(batch), self.max_batch)])
 
-    def _run_padded(self, chunk: np.ndarray, film: Optional[np.ndarray]) -> np.ndarray:
+    def _run_padded(self, chunk: np.ndarray, film: np.ndarray | None) -> np.ndarray:
         """Run a chunk, zero-padding it to the graph's fixed batch size when it has one."""
         n = len(chunk)
         if self._fixed_batch is None or n == self._fixed_batch:
@@ -111,7 +112,7 @@ class Engine:
         padded[:n] = chunk
         return self._run(padded, film)[:n]
 
-    def _run(self, batch: np.ndarray, film: Optional[np.ndarray]) -> np.ndarray:
+    def _run(self, batch: np.ndarray, film: np.ndarray | None) -> np.ndarray:
         feed = {self._input_name: batch}
         if film is not None:
             feed[self._film_name] = film
@@ -125,8 +126,8 @@ class ContextEngine:
     """A FiLM context graph: float32 images (S, C, H, W), the whole support set in one run, in; the
     film vector (F,) out. One session, on the same providers and threads as the encoder."""
 
-    def __init__(self, onnx_path: Union[str, Path], providers: Optional[Sequence[Provider]] = None,
-                 threads: Optional[int] = None, input_name: Optional[str] = None) -> None:
+    def __init__(self, onnx_path: str | Path, providers: Sequence[Provider] | None = None,
+                 threads: int | None = None, input_name: str | None = None) -> None:
         self._session = _open_session(onnx_path, list(providers or DEFAULT_PROVIDERS), threads, "context graph")
         inputs = self._session.get_inputs()
         names = [i.name for i in inputs]

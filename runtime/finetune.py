@@ -11,7 +11,7 @@ matches PyTorch's float32 loop to float32 rounding. Deterministic: no randomness
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ def prototype_head(protos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def schedule(lr_weight: Sequence[Sequence[float]], lr_bias: Sequence[float],
-             steps: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+             steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The step sizes (steps, 1 or D) and (steps,) for ``steps`` steps (default: as trained); steps past
     the trained ones repeat the last trained step size."""
     w, b = np.asarray(lr_weight, dtype=np.float64), np.asarray(lr_bias, dtype=np.float64)
@@ -51,7 +51,7 @@ def finetune_head(x: np.ndarray, y: np.ndarray, protos: np.ndarray, lr_weight: n
     if not len(x):
         return w, b
     onehot = np.eye(len(w0))[y]
-    for lr_w, lr_b in zip(lr_weight, lr_bias):
+    for lr_w, lr_b in zip(lr_weight, lr_bias, strict=True):
         logits = x @ w.T + b
         p = np.exp(logits - logits.max(1, keepdims=True))
         g = (p / p.sum(1, keepdims=True) - onehot) * (len(w0) / len(x))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -17,7 +18,7 @@ from .errors import FewShotInputError
 from .preprocess import ImageLike, InputSpec, normalize, preprocess, source_hash, to_pixels
 from .store import RESERVED_LABEL, EnrollmentStore, validate_label
 
-Images = Union[ImageLike, Sequence[ImageLike]]
+Images = ImageLike | Sequence[ImageLike]
 
 
 @dataclass(frozen=True)
@@ -42,22 +43,22 @@ class FewShotModel:
         self.store = store
         self.spec: InputSpec = bundle.manifest.input_spec
         self._calibration = bundle.manifest.calibration
-        self._fitted_version: Optional[int] = None
+        self._fitted_version: int | None = None
 
     @classmethod
     def open(
         cls,
-        bundle_dir: Union[str, Path],
-        store: Union[str, Path, None] = None,
-        adapt: Optional[str] = None,
-        providers: Optional[Sequence[str]] = None,
-        threads: Optional[int] = None,
+        bundle_dir: str | Path,
+        store: str | Path | None = None,
+        adapt: str | None = None,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
         reembed: bool = False,
-        adapt_options: Optional[Mapping[str, Any]] = None,
+        adapt_options: Mapping[str, Any] | None = None,
         precision: str = "fp32",
         backend: str = "auto",
-        engines: Union[str, Path, None] = None,
-    ) -> "FewShotModel":
+        engines: str | Path | None = None,
+    ) -> FewShotModel:
         """Open a bundle with an enrollment store (a SQLite path; None = in memory).
 
         ``adapt`` names the adaptation mode (None = the store's remembered mode when the bundle has
@@ -133,7 +134,7 @@ class FewShotModel:
         unknowns = nearest > limits[inverse]  # a None threshold is NaN: never exceeded
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         predictions = []
-        for p, ranked, distance, unknown in zip(probabilities, order, nearest, unknowns):
+        for p, ranked, distance, unknown in zip(probabilities, order, nearest, unknowns, strict=True):
             top = [(labels[j], float(p[j])) for j in ranked]
             predictions.append(Prediction(RESERVED_LABEL if unknown else top[0][0], top[0][1], float(distance), top))
         return predictions
@@ -147,7 +148,7 @@ class FewShotModel:
     def close(self) -> None:
         self.store.close()
 
-    def __enter__(self) -> "FewShotModel":
+    def __enter__(self) -> FewShotModel:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -192,7 +193,7 @@ class FewShotModel:
         return exp / exp.sum(axis=1, keepdims=True), nearest, shots
 
 
-def _mode(bundle: Bundle, asked: Optional[str], remembered: Optional[str]) -> str:
+def _mode(bundle: Bundle, asked: str | None, remembered: str | None) -> str:
     """The adaptation mode to use: the one asked for, else the store's if the bundle has it, else the bundle's default."""
     adaptation = bundle.manifest.adaptation
     mode = asked or (remembered if remembered in adaptation.modes else adaptation.default)
@@ -216,7 +217,7 @@ def _check_encoder(engine: Engine, adapter: Adapter, bundle: Bundle) -> None:
     spec = bundle.manifest.input_spec
     expected = (spec.channels, spec.height, spec.width)
     declared = engine.input_shape[1:]
-    if len(declared) != 3 or any(d is not None and d != e for d, e in zip(declared, expected)):
+    if len(declared) != 3 or any(d is not None and d != e for d, e in zip(declared, expected, strict=True)):
         raise FewShotInputError(f"encoder input shape {engine.input_shape} does not match the input spec {_fmt(expected)}")
     out = adapter.embed(np.zeros((1, *expected), dtype=np.float32))
     if out.shape != (1, bundle.manifest.embedding.size):

@@ -16,9 +16,10 @@ from __future__ import annotations
 import io
 import sqlite3
 import unicodedata
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import TypeVar
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class Shots:
     labels: list[str]                # (C,) class labels in enrollment order
     targets: np.ndarray              # (S,) int64 index into labels
     embeddings: np.ndarray           # (S, D) float32
-    pixels: Optional[np.ndarray]     # (S, C, H, W) uint8, or None when not asked for
+    pixels: np.ndarray | None     # (S, C, H, W) uint8, or None when not asked for
     version: int                     # the data_version these shots belong to
 
 
@@ -87,8 +88,8 @@ class EnrollmentStore:
 
     @classmethod
     def open(
-        cls, path: Union[str, Path, None], model_id: str, reembed: bool = False, timeout: float = 30.0
-    ) -> "EnrollmentStore":
+        cls, path: str | Path | None, model_id: str, reembed: bool = False, timeout: float = 30.0
+    ) -> EnrollmentStore:
         """Open (creating if needed) the store at ``path`` (None = in memory) for ``model_id``.
 
         A store bound to another model is refused unless ``reembed``; then ``needs_reembed`` is true
@@ -120,7 +121,7 @@ class EnrollmentStore:
         return self.bound_model_id != self.model_id
 
     @property
-    def pixel_shape(self) -> Optional[tuple[int, ...]]:
+    def pixel_shape(self) -> tuple[int, ...] | None:
         """(C, H, W) of the stored pixels, or None before the first shot."""
         value = self._meta(self._conn, "pixel_shape")
         return None if value is None else tuple(int(v) for v in value.split(","))
@@ -130,7 +131,7 @@ class EnrollmentStore:
         return self._conn.execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()[0]
 
     @property
-    def adaptation(self) -> Optional[str]:
+    def adaptation(self) -> str | None:
         """The adaptation mode this store was last set to use (``set_adaptation``), or None."""
         return self._meta(self._conn, "adaptation")
 
@@ -138,7 +139,7 @@ class EnrollmentStore:
         """Remember ``mode`` as this store's adaptation mode (models opened without one use it)."""
         self._derived(lambda conn: self._set_meta(conn, "adaptation", mode))
 
-    def load_state(self, key: str, version: int) -> Optional[dict[str, np.ndarray]]:
+    def load_state(self, key: str, version: int) -> dict[str, np.ndarray] | None:
         """The arrays saved under ``key`` if they were fitted on data_version ``version``, else None."""
         row = self._conn.execute("SELECT data_version, state FROM adapter_state WHERE key = ?", (key,)).fetchone()
         if row is None or row[0] != version or self.needs_reembed:
@@ -243,7 +244,7 @@ class EnrollmentStore:
                 raise FewShotInputError("the store changed while re-embedding; open it again to retry")
             conn.executemany(
                 "UPDATE shots SET embedding = ? WHERE id = ?",
-                ((e.tobytes(), int(i)) for i, e in zip(shot_ids, embeddings)),
+                ((e.tobytes(), int(i)) for i, e in zip(shot_ids, embeddings, strict=True)),
             )
             self._set_meta(conn, "model_id", self.model_id)
             self._set_meta(conn, "embedding_size", str(embeddings.shape[1]))
@@ -254,7 +255,7 @@ class EnrollmentStore:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> "EnrollmentStore":
+    def __enter__(self) -> EnrollmentStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -287,7 +288,7 @@ class EnrollmentStore:
                 class_id = _class_id(conn, label)
             conn.executemany(
                 "INSERT INTO shots (class_id, embedding, pixels, source_hash) VALUES (?, ?, ?, ?)",
-                ((class_id, e.tobytes(), p.tobytes(), str(h)) for e, p, h in zip(embeddings, pixels, hashes)),
+                ((class_id, e.tobytes(), p.tobytes(), str(h)) for e, p, h in zip(embeddings, pixels, hashes, strict=True)),
             )
         return self._write(change)
 
@@ -324,7 +325,7 @@ class EnrollmentStore:
             raise FewShotInputError(f"enrollment store {self.name} was re-bound to model {str(bound)[:12]} by another process; open it again")
 
     @staticmethod
-    def _meta(conn: sqlite3.Connection, key: str) -> Optional[str]:
+    def _meta(conn: sqlite3.Connection, key: str) -> str | None:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
 

@@ -17,9 +17,10 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,7 @@ def engine_source(bundle: Bundle, precision: str) -> Path:
     return bundle.encoder_file("int8" if precision == "int8" else "fp32")
 
 
-def cached_engine(source: Path, key: EngineKey, cache: Path, build: Optional[Builder] = None) -> tuple[Path, bool]:
+def cached_engine(source: Path, key: EngineKey, cache: Path, build: Builder | None = None) -> tuple[Path, bool]:
     """(engine path, whether it was built now): the cached engine for ``key`` when its sidecar matches
     the key and its hash, else one built from ``source`` with ``build`` (default ``build_engine``)."""
     path = cache / key.file_name
@@ -149,8 +150,8 @@ def engine_key(bundle: Bundle, precision: str, profile: Profile) -> EngineKey:
     return EngineKey(bundle.model_id, version, gpu, capability, precision, profile)
 
 
-def open_engine(bundle: Bundle, precision: str, cache: Path, providers: Sequence[str], threads: Optional[int] = None,
-                film_input: str = "film", profile: Profile = Profile()) -> "TensorRTEngine":
+def open_engine(bundle: Bundle, precision: str, cache: Path, providers: Sequence[str], threads: int | None = None,
+                film_input: str = "film", profile: Profile = Profile()) -> TensorRTEngine:
     """The bundle's engine for ``precision`` on this GPU, from the cache or built now (logged)."""
     path, built = cached_engine(engine_source(bundle, precision), engine_key(bundle, precision, profile), cache)
     if built:
@@ -192,7 +193,7 @@ class TensorRTEngine(Engine):
     max batch). Device buffers are allocated once, for the largest batch."""
 
     def __init__(self, engine_path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: Optional[int] = None, film_input: str = "film") -> None:
+                 threads: int | None = None, film_input: str = "film") -> None:
         trt, self._cudart = _modules()
         self.path, self.providers, self.threads = Path(engine_path), list(providers), threads
         self._engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.path.read_bytes())
@@ -219,7 +220,7 @@ class TensorRTEngine(Engine):
             self._buffers[name] = (_cuda(self._cudart.cudaMalloc(size)), dtype)
             self._context.set_tensor_address(name, int(self._buffers[name][0]))
 
-    def _run(self, batch: np.ndarray, film: Optional[np.ndarray]) -> np.ndarray:
+    def _run(self, batch: np.ndarray, film: np.ndarray | None) -> np.ndarray:
         cudart, copy = self._cudart, self._cudart.cudaMemcpyKind
         feed = {self._input_name: batch, **({self._film_name: film} if film is not None else {})}
         arrays = {name: np.ascontiguousarray(a, dtype=self._buffers[name][1]) for name, a in feed.items()}  # alive until the sync

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_film import episode
 from torch.nn import functional as F
 
 from fewshot_edge.checkpoint import load_checkpoint
@@ -20,7 +21,6 @@ from fewshot_edge.models import create_backbone
 from fewshot_edge.runtime import FewShotModel, open_bundle
 from fewshot_edge.runtime.finetune import finetune_head, schedule
 from fewshot_edge.train import train
-from test_film import episode
 
 
 def embeddings(seed: int = 0, n_way: int = 5, k_shot: int = 3, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,7 +67,7 @@ def test_inner_loop_and_second_order_gradients_match_plain_autograd(l2):
     reference = torch.autograd.grad(by_autograd(), [x, lr_w, lr_b])
     second = torch.autograd.grad(by_func(False), [x, lr_w, lr_b])
     first = torch.autograd.grad(by_func(True), [x, lr_w, lr_b])
-    for r, s in zip(reference, second):
+    for r, s in zip(reference, second, strict=True):
         torch.testing.assert_close(s, r, rtol=1e-5, atol=1e-6)
     assert all(g.abs().sum() > 0 for g in first)  # step sizes learn first-order too
     assert not torch.allclose(first[1], second[1], rtol=1e-3)  # but the gradients differ

@@ -10,8 +10,8 @@ import logging
 
 import numpy as np
 import pytest
-from PIL import Image
 from click.testing import CliRunner
+from PIL import Image
 from runtime_support import images, make_bundle, weight
 
 from fewshot_edge.cli import main

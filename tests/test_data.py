@@ -12,10 +12,15 @@ import pytest
 from PIL import Image
 
 from fewshot_edge.data import (
-    FewShotDataset, download_omniglot, load_dataset, load_image_folders, load_omniglot,
-    split_by_group, split_classes,
+    FewShotDataset,
+    _sources,
+    download_omniglot,
+    load_dataset,
+    load_image_folders,
+    load_omniglot,
+    split_by_group,
+    split_classes,
 )
-from fewshot_edge.data import _sources
 from fewshot_edge.data.folders import IMAGENET_MEAN, IMAGENET_STD
 from fewshot_edge.runtime import FewShotInputError, InputSpec, to_pixels
 

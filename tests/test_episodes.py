@@ -59,8 +59,8 @@ def test_determinism_by_seed():
     first = [s1.sample().index for _ in range(5)]
     again = [s2.sample().index for _ in range(5)]
     other = [s3.sample().index for _ in range(5)]
-    assert all(torch.equal(x, y) for x, y in zip(first, again))
-    assert not all(torch.equal(x, y) for x, y in zip(first, other))
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(first, other, strict=True))
 
 
 def test_too_few_classes_or_images_is_a_clear_error():

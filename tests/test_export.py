@@ -18,7 +18,15 @@ from fewshot_edge.cli import main
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import EpisodeSampler
-from fewshot_edge.export import ParityError, check_parity, export_bundle, export_draft, export_onnx, fit_open_set, fit_temperature, nll
+from fewshot_edge.export import (
+    ParityError,
+    check_parity,
+    export_bundle,
+    export_draft,
+    fit_open_set,
+    fit_temperature,
+    nll,
+)
 from fewshot_edge.runtime import Engine, FewShotInputError, FewShotModel, InputSpec
 
 

@@ -12,10 +12,10 @@ from conftest import require_data
 from fewshot_edge.checkpoint import build_method, load_checkpoint, save_checkpoint
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.data.splits import load_splits
+from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.export import ParityError, check_parity, export_bundle, export_context_onnx, export_draft, export_onnx
 from fewshot_edge.export.parity import BATCH_SIZES
 from fewshot_edge.methods import FiLMProtoNet
-from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.runtime import ContextEngine, Engine, FewShotModel, InputSpec, open_bundle
 from fewshot_edge.runtime.preprocess import normalize
 from fewshot_edge.train import train

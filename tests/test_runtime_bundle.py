@@ -10,7 +10,15 @@ import pytest
 from runtime_support import SPEC, linear_encoder, make_bundle, weight
 
 from fewshot_edge.runtime import (
-    Adaptation, Calibration, EmbeddingSpec, FewShotInputError, InputSpec, Manifest, OpenSet, open_bundle, write_bundle,
+    Adaptation,
+    Calibration,
+    EmbeddingSpec,
+    FewShotInputError,
+    InputSpec,
+    Manifest,
+    OpenSet,
+    open_bundle,
+    write_bundle,
 )
 
 

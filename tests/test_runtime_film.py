@@ -7,8 +7,19 @@ import re
 
 import numpy as np
 import pytest
-from runtime_support import (BLOCK_TORCH, DIM, SPEC, embed_by_hand, film_by_hand, film_encoder, images,
-                             make_bundle, make_film_bundle, run_python, weight)
+from runtime_support import (
+    BLOCK_TORCH,
+    DIM,
+    SPEC,
+    embed_by_hand,
+    film_by_hand,
+    film_encoder,
+    images,
+    make_bundle,
+    make_film_bundle,
+    run_python,
+    weight,
+)
 
 from fewshot_edge.runtime import Engine, FewShotInputError, FewShotModel
 from fewshot_edge.runtime.bench_compare import compare_modes

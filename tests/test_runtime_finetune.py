@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from runtime_support import BLOCK_TORCH, DIM, embed_by_hand, images, make_bundle, run_python, weight
+from runtime_support import BLOCK_TORCH, embed_by_hand, images, make_bundle, run_python, weight
 
 from fewshot_edge.runtime import Adaptation, FewShotInputError, FewShotModel
 from fewshot_edge.runtime import adapters as adapters_module
@@ -36,7 +36,7 @@ def head_by_hand(classes: list[list[np.ndarray]], lrs_w: list[float], lrs_b: lis
     c = np.stack([embed_by_hand(k, weight(0)).mean(0) for k in classes])
     w0, b0 = 2 * c, -(c ** 2).sum(1)
     w, b = w0, b0
-    for lr_w, lr_b in zip(lrs_w, lrs_b):
+    for lr_w, lr_b in zip(lrs_w, lrs_b, strict=True):
         residual = softmax(x @ w.T + b)
         residual[np.arange(len(y)), y] -= 1.0
         per_shot = len(classes) / len(x)

@@ -7,7 +7,17 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from runtime_support import BLOCK_TORCH, DIM, SPEC, embed_by_hand, images, linear_encoder, make_bundle, run_python, weight
+from runtime_support import (
+    BLOCK_TORCH,
+    DIM,
+    SPEC,
+    embed_by_hand,
+    images,
+    linear_encoder,
+    make_bundle,
+    run_python,
+    weight,
+)
 
 from fewshot_edge.runtime import Adaptation, EmbeddingSpec, FewShotInputError, FewShotModel, InputSpec, write_bundle
 
@@ -126,7 +136,7 @@ def test_top_k_is_ordered_and_clamped(model):
     model.enroll("dog", DOG)
     model.enroll("bird", BIRD)
     probabilities = model.predict_proba(QUERIES)
-    for p, row in zip(model.predict(QUERIES, top_k=2), probabilities):
+    for p, row in zip(model.predict(QUERIES, top_k=2), probabilities, strict=True):
         assert [label for label, _ in p.top_k] == [model.labels[i] for i in np.argsort(-row)[:2]]
         assert p.top_k[0][1] >= p.top_k[1][1] and p.top_k[0] == (p.label, p.probability)
     assert len(model.predict(QUERIES[:1], top_k=10)[0].top_k) == 3

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from fewshot_edge.checkpoint import load_checkpoint
 from fewshot_edge.cli import main
 from fewshot_edge.config import TrainConfig
-from fewshot_edge.evaluate import evaluate
 from fewshot_edge.data.splits import load_splits
+from fewshot_edge.evaluate import evaluate
 from fewshot_edge.train import build_method, train
 
 
@@ -26,7 +26,7 @@ def test_short_cpu_run_lifts_heldout_accuracy_from_chance(omniglot_small1, tmp_p
     torch.manual_seed(config.seed)
     untrained = build_method(config, held_out.spec)
     before = evaluate(untrained, held_out, 5, 1, 15, episodes=300, seed=123)
-    metrics = train(config, progress_bar=False)
+    train(config, progress_bar=False)
     method, _, _, _ = load_checkpoint(tmp_path / "run" / "best.pt")
     after = evaluate(method, held_out, 5, 1, 15, episodes=300, seed=123)
     assert after.accuracy >= 0.60

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from . import (
+    bench,  # noqa: F401  (registers bench)
+    demo,  # noqa: F401  (registers demo)
+    deploy,  # noqa: F401  (registers info, build-engine)
+    device,  # noqa: F401  (registers enroll, predict, classes)
+    export,  # noqa: F401  (registers export)
+    training,  # noqa: F401  (registers train, eval)
+)
 from .common import main
-from . import training  # noqa: F401  (registers train, eval)
-from . import export  # noqa: F401  (registers export)
-from . import device  # noqa: F401  (registers enroll, predict, classes)
-from . import bench  # noqa: F401  (registers bench)
-from . import demo  # noqa: F401  (registers demo)
-from . import deploy  # noqa: F401  (registers info, build-engine)
 
 __all__ = ["main"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -28,7 +29,7 @@ from .options import engine_options
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @engine_options
 @reports_input_errors
-def bench(bundle: Optional[str], threads: int, checkpoint: Optional[str], quick: bool, all_variants: bool,
+def bench(bundle: str | None, threads: int, checkpoint: str | None, quick: bool, all_variants: bool,
           modes: tuple[str, ...], as_json: bool, engine: dict[str, Any]) -> None:
     """Latency, throughput, cold start and memory of a bundle on this machine.
 
@@ -89,11 +90,11 @@ def format_compare(name: str, r: dict[str, Any]) -> str:
         rows = [[mode, ms(v["refit"]), ms(v["predict"])] for mode, v in r["modes"].items()]
         foot = f"{r['enrolled']} enrolled, {r['precision']} encoder; refit = fitting the mode to the stored shots after a change"
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join([head, *lines, foot])
 
 
-def pytorch_model(checkpoint: Optional[str], spec: InputSpec, threads: int) -> Union[str, tuple[Any, InputSpec]]:
+def pytorch_model(checkpoint: str | None, spec: InputSpec, threads: int) -> str | tuple[Any, InputSpec]:
     """The checkpoint's method (eval mode) and input spec, with torch set to ``threads`` threads; or why
     there is none, as a string."""
     if checkpoint is None:
@@ -111,7 +112,7 @@ def pytorch_model(checkpoint: Optional[str], spec: InputSpec, threads: int) -> U
     return method, model_spec
 
 
-def pytorch_figures(eager: Union[str, tuple[Any, InputSpec]], report: dict[str, Any]) -> dict[str, Any]:
+def pytorch_figures(eager: str | tuple[Any, InputSpec], report: dict[str, Any]) -> dict[str, Any]:
     """One-image latency of the PyTorch model's encoder in eager mode, and how many times slower it
     is than onnxruntime's encoder and whole prediction; or why it was skipped."""
     if isinstance(eager, str):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import shlex
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import click
 import numpy as np
@@ -34,8 +35,8 @@ from .options import bundle_option
 @click.option("--seed", default=0, metavar="S", show_default=True, help="Seed of the drawings (or episodes).")
 @click.option("--out", metavar="DIR", help="Folder for the PNGs drawn [a new temporary folder].")
 @reports_input_errors
-def demo(bundle: Optional[str], data: Optional[str], n_way: int, q_query: int, episodes: int, seed: int,
-         out: Optional[str]) -> None:
+def demo(bundle: str | None, data: str | None, n_way: int, q_query: int, episodes: int, seed: int,
+         out: str | None) -> None:
     """Teach the model new symbols from one drawing each, then classify new drawings.
 
     \b
@@ -64,17 +65,17 @@ def classify(model: FewShotModel, images: Sequence[Any]) -> tuple[list[Predictio
     return predictions, latencies
 
 
-def drawn_symbols(bundle_dir: Path, bundle: Optional[str], n_way: int, q_query: int, seed: int,
-                  out: Optional[str]) -> None:
+def drawn_symbols(bundle_dir: Path, bundle: str | None, n_way: int, q_query: int, seed: int,
+                  out: str | None) -> None:
     """The default demo: procedural symbols, written as PNGs, enrolled into a temporary store."""
     rng = np.random.default_rng(seed)
     symbol_seeds = rng.integers(2**31, size=n_way + 1)
     symbols = [glyphs.draw(int(s)) for s in symbol_seeds]
     labels = [f"symbol-{i + 1}" for i in range(n_way)]
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="fewshot-edge-demo-"))
-    shots = {label: glyphs.perturb(symbol, int(rng.integers(2**31))) for label, symbol in zip(labels, symbols)}
+    shots = {label: glyphs.perturb(symbol, int(rng.integers(2**31))) for label, symbol in zip(labels, symbols[:-1], strict=True)}
     drawings = {f"{label}-{j + 1}": (label, glyphs.perturb(symbol, int(rng.integers(2**31))))
-                for label, symbol in zip(labels, symbols) for j in range(q_query)}
+                for label, symbol in zip(labels, symbols[:-1], strict=True) for j in range(q_query)}
     drawings["unseen"] = ("unknown", glyphs.perturb(symbols[-1], int(rng.integers(2**31))))
     for label, image in shots.items():
         _save(image, folder / "shots" / label / "1.png")
@@ -88,7 +89,7 @@ def drawn_symbols(bundle_dir: Path, bundle: Optional[str], n_way: int, q_query: 
         predictions, latencies = classify(model, [image for _, image in drawings.values()])
         threshold = model.bundle.manifest.calibration.open_set.threshold_for(1)
     truth = [label for label, _ in drawings.values()]
-    known = list(zip(predictions[:-1], truth[:-1]))
+    known = list(zip(predictions[:-1], truth[:-1], strict=True))
     correct = sum(p.label == t for p, t in known)
     unseen = predictions[-1]
     click.echo(f"drew {n_way} symbols and one unseen symbol; PNGs in {folder}")
@@ -120,7 +121,7 @@ def omniglot_episodes(bundle_dir: Path, data: str, n_way: int, q_query: int, epi
             drawings = [_sample(characters[c], 1 + q_query, rng) for c in rng.choice(len(characters), n_way, replace=False)]
             predictions, times = _episode(model, drawings)
             truth = [c for c in range(n_way) for _ in range(q_query)]
-            accuracy.append(np.mean([p.top_k[0][0] == f"class-{t}" for p, t in zip(predictions, truth)]))
+            accuracy.append(np.mean([p.top_k[0][0] == f"class-{t}" for p, t in zip(predictions, truth, strict=True)]))
             unknown += sum(p.label == "unknown" for p in predictions)
             latencies += times
     mean, ci95 = confidence_interval(np.asarray(accuracy))
@@ -133,7 +134,7 @@ def omniglot_episodes(bundle_dir: Path, data: str, n_way: int, q_query: int, epi
 def _episode(model: FewShotModel, drawings: list[list[Image.Image]]) -> tuple[list[Prediction], list[float]]:
     """Enroll the first drawing of each class as "class-<i>", classify the others in order, unenroll."""
     labels = [f"class-{c}" for c in range(len(drawings))]
-    for label, images in zip(labels, drawings):
+    for label, images in zip(labels, drawings, strict=True):
         model.enroll(label, images[:1])
     try:
         return classify(model, [image for images in drawings for image in images[1:]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 
@@ -22,7 +22,7 @@ from .options import engine_dir_option
 @engine_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @reports_input_errors
-def info(bundle: Optional[str], engines: Optional[str], as_json: bool) -> None:
+def info(bundle: str | None, engines: str | None, as_json: bool) -> None:
     """What this machine can run BUNDLE on: its precisions, each backend (and why not), cached engines.
 
     \b
@@ -70,8 +70,8 @@ def _sidecar(engine: Path) -> dict[str, Any]:
 @click.option("--max-batch", default=64, show_default=True, help="Largest batch (bigger ones run in chunks).")
 @engine_dir_option
 @reports_input_errors
-def build_engine(bundle: str, precision: Optional[str], min_batch: int, opt_batch: int, max_batch: int,
-                 engines: Optional[str]) -> None:
+def build_engine(bundle: str, precision: str | None, min_batch: int, opt_batch: int, max_batch: int,
+                 engines: str | None) -> None:
     """Build (on the target device) and cache a TensorRT engine of BUNDLE's encoder [fp32].
 
     \b

@@ -8,8 +8,9 @@ label leaves the store as it was; every such error is one line with exit code 2.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import click
 from tqdm import tqdm
@@ -26,9 +27,9 @@ PROGRESS_MIN_IMAGES = 50
 PREDICT_CHUNK = 256
 
 
-def open_model(bundle: Optional[str], store: str, reembed: bool, adapt: Optional[str] = None,
-               create: bool = False, adapt_options: Optional[dict[str, Any]] = None,
-               engine: Optional[dict[str, Any]] = None) -> FewShotModel:
+def open_model(bundle: str | None, store: str, reembed: bool, adapt: str | None = None,
+               create: bool = False, adapt_options: dict[str, Any] | None = None,
+               engine: dict[str, Any] | None = None) -> FewShotModel:
     """The model on ``bundle`` (default: the pretrained one) with ``store``; a missing store is an
     error unless ``create``. ``engine``: precision/backend arguments of ``FewShotModel.open``."""
     if not create and not Path(store).is_file():
@@ -40,7 +41,7 @@ def open_model(bundle: Optional[str], store: str, reembed: bool, adapt: Optional
         raise InputError(str(exc).replace("open it with reembed=True", "pass --reembed")) from None
 
 
-def bundle_args(bundle: Optional[str], store: str) -> str:
+def bundle_args(bundle: str | None, store: str) -> str:
     """The --bundle/--store part of a command line, quoted for a shell (--bundle only when given)."""
     given = ["--bundle", bundle] if bundle else []
     return shlex.join([*given, "--store", store])
@@ -62,7 +63,7 @@ def expand_images(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-def enrollment_plan(paths: Sequence[str], label: Optional[str]) -> dict[str, list[Path]]:
+def enrollment_plan(paths: Sequence[str], label: str | None) -> dict[str, list[Path]]:
     """Label -> image files: every path under ``label``, or else a class per subfolder of each path."""
     if label is not None:
         return {validate_label(label): expand_images(paths)}
@@ -93,7 +94,7 @@ def enrollment_plan(paths: Sequence[str], label: Optional[str]) -> dict[str, lis
 @click.argument("paths", nargs=-1, required=True)
 @engine_options
 @reports_input_errors
-def enroll(bundle: Optional[str], store: str, reembed: bool, label: Optional[str], add: bool, adapt: Optional[str],
+def enroll(bundle: str | None, store: str, reembed: bool, label: str | None, add: bool, adapt: str | None,
            paths: tuple[str, ...], engine: dict[str, Any]) -> None:
     """Enroll classes from a few images each.
 
@@ -141,7 +142,7 @@ def enroll(bundle: Optional[str], store: str, reembed: bool, label: Optional[str
 @click.argument("images", nargs=-1, required=True)
 @engine_options
 @reports_input_errors
-def predict(bundle: Optional[str], store: str, reembed: bool, adapt: Optional[str], steps: Optional[int], top_k: int,
+def predict(bundle: str | None, store: str, reembed: bool, adapt: str | None, steps: int | None, top_k: int,
             as_json: bool, images: tuple[str, ...], engine: dict[str, Any]) -> None:
     """Classify images (files, or folders of images) among the enrolled classes.
 
@@ -165,11 +166,11 @@ def predict(bundle: Optional[str], store: str, reembed: bool, adapt: Optional[st
     if as_json:
         emit_json([{"image": str(f), "label": p.label, "probability": p.probability, "distance": p.distance,
                     "unknown": p.label != p.top_k[0][0], "top_k": [{"label": k, "probability": v} for k, v in p.top_k]}
-                   for f, p in zip(files, predictions)])
+                   for f, p in zip(files, predictions, strict=True)])
         return
     name_width = max(len(str(f)) for f in files)
     label_width = max(len(p.label) for p in predictions)
-    for f, p in zip(files, predictions):
+    for f, p in zip(files, predictions, strict=True):
         line = f"{str(f):<{name_width}}  {p.label:<{label_width}}  p={p.probability:.3f}  d={p.distance:.4g}"
         if p.label != p.top_k[0][0]:
             line += f"  (nearest: {p.top_k[0][0]})"
@@ -188,7 +189,7 @@ def classes() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the classes as JSON.")
 @engine_options
 @reports_input_errors
-def list_classes(bundle: Optional[str], store: str, reembed: bool, as_json: bool, engine: dict[str, Any]) -> None:
+def list_classes(bundle: str | None, store: str, reembed: bool, as_json: bool, engine: dict[str, Any]) -> None:
     """The enrolled classes with their numbers of shots, in enrollment order."""
     with open_model(bundle, store, reembed, engine=engine) as model:
         enrolled = model.classes()
@@ -206,7 +207,7 @@ def list_classes(bundle: Optional[str], store: str, reembed: bool, as_json: bool
 @click.argument("labels", nargs=-1, required=True)
 @engine_options
 @reports_input_errors
-def remove(bundle: Optional[str], store: str, reembed: bool, labels: tuple[str, ...], engine: dict[str, Any]) -> None:
+def remove(bundle: str | None, store: str, reembed: bool, labels: tuple[str, ...], engine: dict[str, Any]) -> None:
     """Remove classes and their shots."""
     with open_model(bundle, store, reembed, engine=engine) as model:
         enrolled = dict(model.classes())
@@ -224,7 +225,7 @@ def remove(bundle: Optional[str], store: str, reembed: bool, labels: tuple[str, 
 @click.argument("new")
 @engine_options
 @reports_input_errors
-def rename(bundle: Optional[str], store: str, reembed: bool, old: str, new: str, engine: dict[str, Any]) -> None:
+def rename(bundle: str | None, store: str, reembed: bool, old: str, new: str, engine: dict[str, Any]) -> None:
     """Rename class OLD to NEW."""
     with open_model(bundle, store, reembed, engine=engine) as model:
         model.rename(old, new)

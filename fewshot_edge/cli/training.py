@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import click
 
@@ -224,8 +225,8 @@ def evaluate(checkpoint: str, sources: tuple[str, ...], way: int, shot: int, que
     from fewshot_edge.checkpoint import load_checkpoint
     from fewshot_edge.data import load_dataset
     from fewshot_edge.data.omniglot import upright
-    from fewshot_edge.evaluate import evaluate as run_eval
     from fewshot_edge.data.splits import load_splits
+    from fewshot_edge.evaluate import evaluate as run_eval
     from fewshot_edge.train import resolve_device
 
     dev = resolve_device(device)

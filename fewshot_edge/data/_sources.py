@@ -14,10 +14,10 @@ import sys
 import tempfile
 import threading
 import zipfile
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -26,7 +26,7 @@ from fewshot_edge.imagefiles import is_image_name
 from fewshot_edge.runtime.errors import FewShotInputError
 from fewshot_edge.runtime.preprocess import InputSpec, decode_image, to_pixels
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 _CACHE_FORMAT = 1
 _CHUNK = 256
 

@@ -42,7 +42,7 @@ class FewShotDataset:
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
 
-    def subset(self, class_ids: list[int] | np.ndarray) -> "FewShotDataset":
+    def subset(self, class_ids: list[int] | np.ndarray) -> FewShotDataset:
         """The data set restricted to ``class_ids``, relabelled 0..len-1 in that order."""
         class_ids = np.asarray(class_ids, dtype=np.int64)
         remap = np.full(self.num_classes, -1, dtype=np.int64)

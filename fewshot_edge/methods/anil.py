@@ -52,7 +52,7 @@ def adapt_head(start: Head, x: torch.Tensor, y: torch.Tensor, lr_weight: torch.T
     step_grad = grad(inner_loss)
     anchor = {k: v.detach() for k, v in start.items()} if first_order else start
     head = start
-    for lr_w, lr_b in zip(lr_weight, lr_bias):
+    for lr_w, lr_b in zip(lr_weight, lr_bias, strict=True):
         g = step_grad(head, anchor, x.detach() if first_order else x, y, l2)
         if first_order:
             g = {k: v.detach() for k, v in g.items()}

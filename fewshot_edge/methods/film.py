@@ -8,7 +8,8 @@ and the method starts as a ProtoNet.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,14 +18,13 @@ from fewshot_edge.episodes import Episode
 from fewshot_edge.models import Backbone
 from fewshot_edge.models.backbones import ConvBlock, FiLM
 
-from .base import query_loss
-from .base import register_method
+from .base import query_loss, register_method
 from .protonet import ProtoNet
 
 
 def split_film(flat: torch.Tensor, block_channels: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-block (gamma, beta) from the flat layout: for each block, gamma (C) then beta (C)."""
-    return [(chunk[:c], chunk[c:]) for chunk, c in zip(flat.split([2 * c for c in block_channels]), block_channels)]
+    return [(chunk[:c], chunk[c:]) for chunk, c in zip(flat.split([2 * c for c in block_channels]), block_channels, strict=True)]
 
 
 def film_penalty(film: FiLM) -> torch.Tensor:
@@ -91,7 +91,7 @@ class FiLMProtoNet(ProtoNet):
         backbone.requires_grad_(not freeze_backbone)
         self.train()  # a given backbone may be in eval mode; a frozen one stays there
 
-    def train(self, mode: bool = True) -> "FiLMProtoNet":
+    def train(self, mode: bool = True) -> FiLMProtoNet:
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()

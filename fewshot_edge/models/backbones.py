@@ -6,7 +6,8 @@ Every backbone maps (N, C, H, W) normalised images to (N, out_dim) embeddings an
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
