@@ -34,14 +34,32 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {"protonet": {}, "film": {}, "anil":
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
     n_way, k_shot, q_query = EPISODE_SHAPE[args.data]
-    common = dict(n_way=args.way or n_way, k_shot=args.shot or k_shot, q_query=q_query, episodes=args.episodes, lr=args.lr,
-                  val_every=args.episodes, val_episodes=100, seed=args.seed, device=args.device)
+    common = dict(
+        n_way=args.way or n_way,
+        k_shot=args.shot or k_shot,
+        q_query=q_query,
+        episodes=args.episodes,
+        lr=args.lr,
+        val_every=args.episodes,
+        val_episodes=100,
+        seed=args.seed,
+        device=args.device,
+    )
     if args.data == "omniglot":
-        return TrainConfig(sources=args.source or [str(DATA / "omniglot" / "images_background.zip")],
-                           data_options={"rotations": True}, holdout=5, **common)
+        return TrainConfig(
+            sources=args.source or [str(DATA / "omniglot" / "images_background.zip")],
+            data_options={"rotations": True},
+            holdout=5,
+            **common,
+        )
     sources = args.source or [str(DATA / "miniimagenet" / f"train-{i}.zip") for i in range(3)]
-    return TrainConfig(data="folders", sources=sources, val_sources=args.val_source or [str(DATA / "miniimagenet" / "val.zip")],
-                       data_options={"max_per_class": args.max_per_class} if args.max_per_class else {}, **common)
+    return TrainConfig(
+        data="folders",
+        sources=sources,
+        val_sources=args.val_source or [str(DATA / "miniimagenet" / "val.zip")],
+        data_options={"max_per_class": args.max_per_class} if args.max_per_class else {},
+        **common,
+    )
 
 
 def main() -> None:
@@ -70,22 +88,40 @@ def main() -> None:
         held_out = upright(held_out)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report: dict[str, Any] = {
-        "device": f"{device.type}: {name}", "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "data": args.data, "held_out_classes": held_out.num_classes,
-        "training": {"episodes": args.episodes, "way": config.n_way, "shot": config.k_shot, "query": config.q_query,
-                     "lr": args.lr, "schedule": config.schedule, "seed": args.seed},
-        "eval_episodes": args.eval_episodes, "methods": {},
+        "device": f"{device.type}: {name}",
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "data": args.data,
+        "held_out_classes": held_out.num_classes,
+        "training": {
+            "episodes": args.episodes,
+            "way": config.n_way,
+            "shot": config.k_shot,
+            "query": config.q_query,
+            "lr": args.lr,
+            "schedule": config.schedule,
+            "seed": args.seed,
+        },
+        "eval_episodes": args.eval_episodes,
+        "methods": {},
     }
     for method in args.methods.split(","):
-        run = TrainConfig(**{**config.to_dict(), "method": method, "method_options": METHOD_OPTIONS[method],
-                             "out": str(out / method)})
+        run = TrainConfig(
+            **{**config.to_dict(), "method": method, "method_options": METHOD_OPTIONS[method], "out": str(out / method)}
+        )
         metrics = train(run, progress_bar=False)
         trained, _, _, _ = load_checkpoint(out / method / "last.pt", device)
-        results = [evaluate(trained, held_out, n, k, 15, args.eval_episodes, seed=1000 + args.seed, device=device)
-                   for n, k in TASKS[args.data]]
+        results = [
+            evaluate(trained, held_out, n, k, 15, args.eval_episodes, seed=1000 + args.seed, device=device)
+            for n, k in TASKS[args.data]
+        ]
         report["methods"][method] = {
-            "options": METHOD_OPTIONS[method], "elapsed_s": metrics["elapsed_s"], "episodes_per_s": metrics["episodes_per_s"],
-            "results": {f"{r.n_way}-way {r.k_shot}-shot": [round(100 * r.accuracy, 2), round(100 * r.ci95, 2)] for r in results},
+            "options": METHOD_OPTIONS[method],
+            "elapsed_s": metrics["elapsed_s"],
+            "episodes_per_s": metrics["episodes_per_s"],
+            "results": {
+                f"{r.n_way}-way {r.k_shot}-shot": [round(100 * r.accuracy, 2), round(100 * r.ci95, 2)] for r in results
+            },
         }
         (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
         print(method, json.dumps(report["methods"][method]), flush=True)

@@ -42,26 +42,47 @@ def main() -> None:
     parser.add_argument("--out", default="runs/omniglot-quality")
     args = parser.parse_args()
 
-    config = TrainConfig(sources=[args.source], data_options={"rotations": True}, holdout=args.holdout,
-                         n_way=args.way, k_shot=args.shot, q_query=args.query, episodes=10**7,
-                         time_limit=args.minutes, lr=args.lr, val_every=args.val_every, val_episodes=200,
-                         seed=args.seed, device=args.device, out=args.out)
+    config = TrainConfig(
+        sources=[args.source],
+        data_options={"rotations": True},
+        holdout=args.holdout,
+        n_way=args.way,
+        k_shot=args.shot,
+        q_query=args.query,
+        episodes=10**7,
+        time_limit=args.minutes,
+        lr=args.lr,
+        val_every=args.val_every,
+        val_episodes=200,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+    )
     metrics = train(config)
     device = resolve_device(args.device)
     method, _, _, _ = load_checkpoint(Path(args.out) / "last.pt", device)
     _, held_out = load_splits(config)
-    results = [evaluate(method, held_out, n, k, 15, args.eval_episodes, seed=1000 + args.seed, device=device)
-               for n, k in TASKS]
+    results = [
+        evaluate(method, held_out, n, k, 15, args.eval_episodes, seed=1000 + args.seed, device=device) for n, k in TASKS
+    ]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {
-        "device": f"{device.type}: {name}", "torch_threads": torch.get_num_threads(),
-        "training": {"minutes": args.minutes, "episodes": metrics["episodes"], "elapsed_s": metrics["elapsed_s"],
-                     "episodes_per_s": metrics["episodes_per_s"], "way": args.way, "shot": args.shot,
-                     "query": args.query, "lr": args.lr, "seed": args.seed,
-                     "train_classes": metrics["train_classes"]},
+        "device": f"{device.type}: {name}",
+        "torch_threads": torch.get_num_threads(),
+        "training": {
+            "minutes": args.minutes,
+            "episodes": metrics["episodes"],
+            "elapsed_s": metrics["elapsed_s"],
+            "episodes_per_s": metrics["episodes_per_s"],
+            "way": args.way,
+            "shot": args.shot,
+            "query": args.query,
+            "lr": args.lr,
+            "seed": args.seed,
+            "train_classes": metrics["train_classes"],
+        },
         "held_out": {"alphabets": sorted(set(held_out.groups)), "characters": held_out.num_classes},
-        "results": {f"{r.n_way}-way {r.k_shot}-shot": f"{100 * r.accuracy:.2f} +- {100 * r.ci95:.2f}"
-                    for r in results},
+        "results": {f"{r.n_way}-way {r.k_shot}-shot": f"{100 * r.accuracy:.2f} +- {100 * r.ci95:.2f}" for r in results},
     }
     (Path(args.out) / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -66,8 +66,10 @@ def main() -> None:
                 torch_pred = method.logits(ep.support, ep.support_labels, ep.query, ep.n_way).argmax(-1).numpy()
                 index = ep.index.numpy()
                 for label, ids in zip(labels, index, strict=True):
-                    model.enroll(label, [as_drawn(held_out.images[j], spec) for j in ids[:args.shot]])
-                predictions = model.predict([as_drawn(held_out.images[j], spec) for j in index[:, args.shot:].flatten()])
+                    model.enroll(label, [as_drawn(held_out.images[j], spec) for j in ids[: args.shot]])
+                predictions = model.predict(
+                    [as_drawn(held_out.images[j], spec) for j in index[:, args.shot :].flatten()]
+                )
                 runtime_pred = np.array([labels.index(p.top_k[0][0]) for p in predictions])
                 unknown += sum(p.label == "unknown" for p in predictions)
                 for label in labels:
@@ -80,16 +82,23 @@ def main() -> None:
     (t_mean, t_ci), (r_mean, r_ci) = confidence_interval(torch_acc), confidence_interval(runtime_acc)
     d_mean, d_ci = confidence_interval(runtime_acc - torch_acc)
     report = {
-        "checkpoint": args.checkpoint, "model_id": model_id,
+        "checkpoint": args.checkpoint,
+        "model_id": model_id,
         "task": f"{args.episodes} episodes of {args.way}-way {args.shot}-shot {args.query}-query, seed {args.seed}",
         "held_out_classes": held_out.num_classes,
         "same_episodes_as_evaluate": bool(np.isclose(t_mean, reference.accuracy, atol=1e-6)),
         "pytorch": {"accuracy_pct": round(100 * t_mean, 3), "ci95_pct": round(100 * t_ci, 3)},
-        "runtime": {"accuracy_pct": round(100 * r_mean, 3), "ci95_pct": round(100 * r_ci, 3),
-                    "unknown_rate_pct": round(100 * unknown / queries, 3), "seconds": round(runtime_s, 2)},
-        "difference_pp": round(100 * d_mean, 3), "difference_ci95_pp": round(100 * d_ci, 3),
+        "runtime": {
+            "accuracy_pct": round(100 * r_mean, 3),
+            "ci95_pct": round(100 * r_ci, 3),
+            "unknown_rate_pct": round(100 * unknown / queries, 3),
+            "seconds": round(runtime_s, 2),
+        },
+        "difference_pp": round(100 * d_mean, 3),
+        "difference_ci95_pp": round(100 * d_ci, 3),
         "prediction_agreement_pct": round(100 * agree / queries, 3),
-        "target_pp": TARGET_PP, "within_target": bool(abs(100 * d_mean) <= TARGET_PP),
+        "target_pp": TARGET_PP,
+        "within_target": bool(abs(100 * d_mean) <= TARGET_PP),
     }
     print(json.dumps(report, indent=2))
 

@@ -65,15 +65,18 @@ class EpisodeBatches(Sampler):
             yield np.concatenate([p[:SHOT] for p in picks] + [p[SHOT:] for p in picks]).tolist()
 
 
-def dataloader_loop(config: TrainConfig, data: FewShotDataset, episodes: int, warmup: int,
-                    workers: int) -> float:
+def dataloader_loop(config: TrainConfig, data: FewShotDataset, episodes: int, warmup: int, workers: int) -> float:
     """Episodes/s of a plain loop fed by a per-image DataLoader (timed after ``warmup`` episodes)."""
     device = resolve_device(config.device)
     method = build_method(config, data.spec).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(method.parameters(), lr=config.lr, fused=device.type == "cuda")
-    loader = DataLoader(PerImage(data), batch_sampler=EpisodeBatches(data, episodes + warmup, config.seed),
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0)
+    loader = DataLoader(
+        PerImage(data),
+        batch_sampler=EpisodeBatches(data, episodes + warmup, config.seed),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     support_labels = torch.arange(WAY, device=device).repeat_interleave(SHOT)
     query_labels = torch.arange(WAY, device=device).repeat_interleave(QUERY)
     amp = config.amp and autocast_enabled(device)
@@ -84,7 +87,7 @@ def dataloader_loop(config: TrainConfig, data: FewShotDataset, episodes: int, wa
             t0 = time.perf_counter()
         batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = method.logits(batch[: WAY * SHOT], support_labels, batch[WAY * SHOT:], WAY)
+            logits = method.logits(batch[: WAY * SHOT], support_labels, batch[WAY * SHOT :], WAY)
             loss = torch.nn.functional.cross_entropy(logits.float(), query_labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,12 +116,23 @@ def main() -> None:
 
     loops = args.loops.split(",")
     device = resolve_device(args.device)
-    config = TrainConfig(sources=[args.source], data_options={"rotations": True}, n_way=WAY, k_shot=SHOT,
-                         q_query=QUERY, val_every=10**9, val_episodes=1, device=args.device)
+    config = TrainConfig(
+        sources=[args.source],
+        data_options={"rotations": True},
+        n_way=WAY,
+        k_shot=SHOT,
+        q_query=QUERY,
+        val_every=10**9,
+        val_episodes=1,
+        device=args.device,
+    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    result = {"device": f"{device.type}: {name}", "torch_threads": torch.get_num_threads(),
-              "task": f"{WAY}-way {SHOT}-shot {QUERY}-query Conv-4 ProtoNet, 28x28 Omniglot, bf16 autocast: "
-                      f"{config.amp and autocast_enabled(device)}"}
+    result = {
+        "device": f"{device.type}: {name}",
+        "torch_threads": torch.get_num_threads(),
+        "task": f"{WAY}-way {SHOT}-shot {QUERY}-query Conv-4 ProtoNet, 28x28 Omniglot, bf16 autocast: "
+        f"{config.amp and autocast_enabled(device)}",
+    }
     if "project" in loops:
         result["project_loop_episodes_per_s"] = round(project_loop(config, args.episodes), 1)
     if "compiled" in loops:

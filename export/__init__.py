@@ -10,6 +10,17 @@ from .parity import ParityError, ParityReport, check_parity
 from .variants import VariantRefused, build_variants
 
 __all__ = [
-    "ParityError", "ParityReport", "calibrate", "check_parity", "export_bundle", "export_context_onnx", "export_draft",
-    "export_onnx", "fit_open_set", "fit_temperature", "nll", "VariantRefused", "build_variants",
+    "ParityError",
+    "ParityReport",
+    "calibrate",
+    "check_parity",
+    "export_bundle",
+    "export_context_onnx",
+    "export_draft",
+    "export_onnx",
+    "fit_open_set",
+    "fit_temperature",
+    "nll",
+    "VariantRefused",
+    "build_variants",
 ]

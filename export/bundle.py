@@ -51,10 +51,19 @@ CONTEXT_FILE = "context.onnx"
 PARITY_IMAGES = 64
 
 
-def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-                  calibration_episodes: int = 500, target_false_reject: float = 0.05, tolerance: float = 1e-4,
-                  seed: int = 0, precisions: Sequence[str] = (), variant_episodes: int = 1000,
-                  force_variants: bool = False) -> Bundle:
+def export_bundle(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    calibration_episodes: int = 500,
+    target_false_reject: float = 0.05,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+    precisions: Sequence[str] = (),
+    variant_episodes: int = 1000,
+    force_variants: bool = False,
+) -> Bundle:
     """Export a checkpoint as a bundle in ``out_dir`` and return it, opened.
 
     The graphs are checked against PyTorch on random and held-out validation images (ParityError past
@@ -79,19 +88,38 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, overwrite: boo
         parity = check_parity(method, adapter, spec, validation.images[np.sort(real)], tolerance=tolerance, seed=seed)
         if not parity.passed:
             raise ParityError(parity)
-        calibration, head_temperature = calibrate(adapter, validation, episodes=calibration_episodes,
-                                                  target_false_reject=target_false_reject, seed=seed)
+        calibration, head_temperature = calibrate(
+            adapter, validation, episodes=calibration_episodes, target_false_reject=target_false_reject, seed=seed
+        )
         adaptation = draft.manifest.adaptation
         if head_temperature is not None:
-            adaptation = replace(adaptation, modes={**adaptation.modes,
-                                                    "finetune": {**adaptation.modes["finetune"], "temperature": head_temperature}})
-        variants = (build_variants(adapter, precisions, train_data, validation, episodes=variant_episodes, seed=seed,
-                                   force=force_variants) if precisions else {})
+            adaptation = replace(
+                adaptation,
+                modes={
+                    **adaptation.modes,
+                    "finetune": {**adaptation.modes["finetune"], "temperature": head_temperature},
+                },
+            )
+        variants = (
+            build_variants(
+                adapter, precisions, train_data, validation, episodes=variant_episodes, seed=seed, force=force_variants
+            )
+            if precisions
+            else {}
+        )
         files = [*draft.manifest.files, *(variant_file(p) for p in precisions)]
         provenance = _provenance(config, payload, Path(checkpoint), parity, draft.manifest.provenance["opset"])
-        return write_bundle(out, {name: draft.path / name for name in files}, input_spec=spec,
-                            embedding=draft.manifest.embedding, adaptation=adaptation, calibration=calibration,
-                            provenance=provenance, overwrite=overwrite, variants=variants)
+        return write_bundle(
+            out,
+            {name: draft.path / name for name in files},
+            input_spec=spec,
+            embedding=draft.manifest.embedding,
+            adaptation=adaptation,
+            calibration=calibration,
+            provenance=provenance,
+            overwrite=overwrite,
+            variants=variants,
+        )
 
 
 def export_draft(method: FewShotMethod, spec: InputSpec, folder: Path) -> Adapter:
@@ -106,8 +134,14 @@ def export_draft(method: FewShotMethod, spec: InputSpec, folder: Path) -> Adapte
         export_context_onnx(method, spec, files[CONTEXT_FILE])
     opset = export_onnx(method, spec, files[ENCODER_FILE], film=has_film(method)).opset_import[0].version
     adaptation = _adaptation(method, info)
-    write_bundle(folder / "draft", files, input_spec=spec, embedding=embedding, adaptation=adaptation,
-                 provenance={"opset": opset})
+    write_bundle(
+        folder / "draft",
+        files,
+        input_spec=spec,
+        embedding=embedding,
+        adaptation=adaptation,
+        provenance={"opset": opset},
+    )
     bundle = open_bundle(folder / "draft")
     return ADAPTERS[adaptation.default](bundle, Engine(bundle.encoder_file()))
 
@@ -118,26 +152,40 @@ def _adaptation(method: FewShotMethod, info: dict[str, Any]) -> Adaptation:
     identity (the unconditioned backbone, no context)."""
     if not has_film(method):
         return Adaptation(default=next(iter(info["modes"])), modes=info["modes"])
-    film = {**info["modes"]["film"], "film_size": int(method.context.identity.numel()),
-            "context_input": INPUT_NAME, "film_input": FILM_NAME, "identity": method.context.identity.tolist()}
+    film = {
+        **info["modes"]["film"],
+        "film_size": int(method.context.identity.numel()),
+        "context_input": INPUT_NAME,
+        "film_input": FILM_NAME,
+        "identity": method.context.identity.tolist(),
+    }
     return Adaptation(default="film", modes={**info["modes"], "film": film, "prototype": {}})
 
 
-def _provenance(config: TrainConfig, payload: dict[str, Any], checkpoint: Path, parity: ParityReport,
-                opset: int) -> dict[str, Any]:
+def _provenance(
+    config: TrainConfig, payload: dict[str, Any], checkpoint: Path, parity: ParityReport, opset: int
+) -> dict[str, Any]:
     """What the manifest records about where the model came from; data sources by file name only."""
     best = payload.get("best") or {}
     return {
         "method": config.method,
         "method_options": dict(config.method_options),
         "backbone": config.backbone,
-        "data": {"kind": config.data, "sources": [Path(s).name for s in config.sources],
-                 "val_sources": [Path(s).name for s in config.val_sources],
-                 "holdout": list(config.holdout_groups) or config.holdout, "options": dict(config.data_options)},
+        "data": {
+            "kind": config.data,
+            "sources": [Path(s).name for s in config.sources],
+            "val_sources": [Path(s).name for s in config.val_sources],
+            "holdout": list(config.holdout_groups) or config.holdout,
+            "options": dict(config.data_options),
+        },
         "checkpoint": checkpoint.name,
         "episodes_trained": payload.get("episode"),
-        "validation": {key: best[key] for key in ("accuracy", "ci95", "n_way", "k_shot", "q_query", "episodes", "episode")
-                       if key in best} or None,
+        "validation": {
+            key: best[key]
+            for key in ("accuracy", "ci95", "n_way", "k_shot", "q_query", "episodes", "episode")
+            if key in best
+        }
+        or None,
         "parity": parity.to_dict(),
         "package_version": __version__,
         "torch_version": torch.__version__,

@@ -29,7 +29,9 @@ from fewshot_edge.runtime.errors import FewShotInputError
 from fewshot_edge.runtime.preprocess import normalize
 from fewshot_edge.runtime.store import Shots
 
-EpisodeEmbedder = Callable[[np.ndarray, int], np.ndarray]  # ids (2n, shots + queries), shot count -> (2n, shots + queries, D)
+EpisodeEmbedder = Callable[
+    [np.ndarray, int], np.ndarray
+]  # ids (2n, shots + queries), shot count -> (2n, shots + queries, D)
 
 TEMPERATURE_BOUNDS = (1e-4, 1e6)
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
@@ -42,12 +44,14 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
     return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), labels]))
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
-                    iterations: int = 80) -> float:
+def fit_temperature(
+    logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS, iterations: int = 80
+) -> float:
     """The temperature in ``bounds`` minimising ``nll``: golden-section search on log T.
 
     The NLL is convex in 1/T, so it has one minimum along log T and the search finds it.
     """
+
     def f(log_t: float) -> float:
         return nll(logits, labels, float(np.exp(log_t)))
 
@@ -66,8 +70,13 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float,
     return float(np.exp((a + b) / 2.0))
 
 
-def fit_open_set(known: np.ndarray, unknown: np.ndarray, target_false_reject: float = 0.05,
-                 fitted_on: str | None = None, shots: np.ndarray | None = None) -> OpenSet:
+def fit_open_set(
+    known: np.ndarray,
+    unknown: np.ndarray,
+    target_false_reject: float = 0.05,
+    fitted_on: str | None = None,
+    shots: np.ndarray | None = None,
+) -> OpenSet:
     """Threshold = the (1 - target) quantile of the known nearest distances (linear interpolation);
     records the false-accept rate on ``unknown`` and the false-reject rate on ``known`` it gives.
 
@@ -80,11 +89,23 @@ def fit_open_set(known: np.ndarray, unknown: np.ndarray, target_false_reject: fl
     by_shots: dict[str, dict[int, float] | None] = dict.fromkeys(OPEN_SET_BY_SHOTS)
     if shots is not None:
         if not len(shots) == len(known) == len(unknown):
-            raise ValueError(f"shots, known and unknown must have one entry per query, got {len(shots)}, {len(known)}, {len(unknown)}")
-        fits = {int(k): _fit_threshold(known[shots == k], unknown[shots == k], target_false_reject) for k in np.unique(shots)}
+            raise ValueError(
+                f"shots, known and unknown must have one entry per query, got {len(shots)}, {len(known)}, {len(unknown)}"
+            )
+        fits = {
+            int(k): _fit_threshold(known[shots == k], unknown[shots == k], target_false_reject)
+            for k in np.unique(shots)
+        }
         by_shots = {name: {k: fit[i] for k, fit in fits.items()} for i, name in enumerate(OPEN_SET_BY_SHOTS)}
-    return OpenSet(threshold=threshold, statistic="nearest_distance", target_false_reject=target_false_reject,
-                   false_accept=false_accept, false_reject=false_reject, fitted_on=fitted_on, **by_shots)
+    return OpenSet(
+        threshold=threshold,
+        statistic="nearest_distance",
+        target_false_reject=target_false_reject,
+        false_accept=false_accept,
+        false_reject=false_reject,
+        fitted_on=fitted_on,
+        **by_shots,
+    )
 
 
 def _fit_threshold(known: np.ndarray, unknown: np.ndarray, target_false_reject: float) -> tuple[float, float, float]:
@@ -93,9 +114,16 @@ def _fit_threshold(known: np.ndarray, unknown: np.ndarray, target_false_reject: 
     return threshold, float(np.mean(unknown <= threshold)), float(np.mean(known > threshold))
 
 
-def calibrate(adapter: Adapter, data: FewShotDataset, episodes: int = 500, n_way: int = 5, max_shot: int = 5,
-              q_query: int = 5, target_false_reject: float = 0.05,
-              seed: int = 0) -> tuple[Calibration, float | None]:
+def calibrate(
+    adapter: Adapter,
+    data: FewShotDataset,
+    episodes: int = 500,
+    n_way: int = 5,
+    max_shot: int = 5,
+    q_query: int = 5,
+    target_false_reject: float = 0.05,
+    seed: int = 0,
+) -> tuple[Calibration, float | None]:
     """Temperature and open-set thresholds fitted on ``episodes`` episode pairs from ``data`` (held-out
     classes) embedded by ``adapter`` (the bundle's default mode), and the fine-tuned head's temperature
     when the bundle has a fine-tune mode."""
@@ -106,7 +134,11 @@ def calibrate(adapter: Adapter, data: FewShotDataset, episodes: int = 500, n_way
     shots = np.random.default_rng(seed).permutation(np.arange(episodes) % max_shot + 1)
     embed_episode = episode_embedder(adapter, data, index)
     embedding = adapter.embedding
-    head = ADAPTERS["finetune"](adapter.bundle, adapter.encoder) if "finetune" in adapter.bundle.manifest.adaptation.modes else None
+    head = (
+        ADAPTERS["finetune"](adapter.bundle, adapter.encoder)
+        if "finetune" in adapter.bundle.manifest.adaptation.modes
+        else None
+    )
     logits, head_logits, known, unknown = [], [], [], []
     for e, k in enumerate(shots):
         emb = embed_episode(index[e], int(k))
@@ -122,11 +154,15 @@ def calibrate(adapter: Adapter, data: FewShotDataset, episodes: int = 500, n_way
             unknown.append(distances(queries, protos[other], embedding.metric).min(axis=1))
     labels = np.tile(np.repeat(np.arange(n_way), q_query), 2 * episodes)
     query_shots = np.repeat(shots, 2 * n_way * q_query)
-    fitted_on = (f"{episodes} pairs of disjoint {n_way}-way 1..{max_shot}-shot episodes ({q_query} queries per class)"
-                 f" on {data.num_classes} held-out classes")
+    fitted_on = (
+        f"{episodes} pairs of disjoint {n_way}-way 1..{max_shot}-shot episodes ({q_query} queries per class)"
+        f" on {data.num_classes} held-out classes"
+    )
     calibration = Calibration(
         temperature=fit_temperature(np.concatenate(logits), labels),
-        open_set=fit_open_set(np.concatenate(known), np.concatenate(unknown), target_false_reject, fitted_on, query_shots),
+        open_set=fit_open_set(
+            np.concatenate(known), np.concatenate(unknown), target_false_reject, fitted_on, query_shots
+        ),
     )
     return calibration, fit_temperature(np.concatenate(head_logits), labels) if head_logits else None
 
@@ -134,8 +170,14 @@ def calibrate(adapter: Adapter, data: FewShotDataset, episodes: int = 500, n_way
 def _episode_shots(support: np.ndarray) -> Shots:
     """An episode's support embeddings (n, k, D) as the store hands them to an adapter: class c is label "c"."""
     n, k, size = support.shape
-    return Shots(ids=np.arange(n * k), labels=[str(c) for c in range(n)], targets=np.repeat(np.arange(n), k),
-                 embeddings=support.reshape(-1, size).astype(np.float32), pixels=None, version=0)
+    return Shots(
+        ids=np.arange(n * k),
+        labels=[str(c) for c in range(n)],
+        targets=np.repeat(np.arange(n), k),
+        embeddings=support.reshape(-1, size).astype(np.float32),
+        pixels=None,
+        version=0,
+    )
 
 
 def episode_embedder(adapter: Adapter, data: FewShotDataset, index: np.ndarray) -> EpisodeEmbedder:
@@ -155,14 +197,18 @@ def _plain_episodes(adapter: Adapter, data: FewShotDataset, index: np.ndarray) -
 def _conditioned_episodes(adapter: Adapter, data: FewShotDataset) -> EpisodeEmbedder:
     """Each episode's images embedded with the adapter conditioned on its support images (the first
     ``shots`` per class), as the device's ``fit`` conditions it on every enrolled shot."""
+
     def embed(ids: np.ndarray, shots: int) -> np.ndarray:
         adapter.condition(normalize(data.images[ids[:, :shots].ravel()], data.spec))
         return _embed_pixels(adapter.embed, data, ids.ravel()).reshape(*ids.shape, -1)
+
     return embed
 
 
-def _embed_pixels(embed: Callable[[np.ndarray], np.ndarray], data: FewShotDataset, ids: np.ndarray,
-                  chunk: int = 256) -> np.ndarray:
+def _embed_pixels(
+    embed: Callable[[np.ndarray], np.ndarray], data: FewShotDataset, ids: np.ndarray, chunk: int = 256
+) -> np.ndarray:
     """Embeddings (len(ids), D) of data-set images, normalised a chunk at a time to bound memory."""
-    return np.concatenate([embed(normalize(data.images[ids[i:i + chunk]], data.spec))
-                           for i in range(0, len(ids), chunk)])
+    return np.concatenate(
+        [embed(normalize(data.images[ids[i : i + chunk]], data.spec)) for i in range(0, len(ids), chunk)]
+    )

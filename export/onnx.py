@@ -60,8 +60,9 @@ class _Context(nn.Module):
         return self.context.flat(images)
 
 
-def export_onnx(method: FewShotMethod, spec: InputSpec, path: str | Path, opset: int = OPSET,
-                film: bool = False) -> onnx.ModelProto:
+def export_onnx(
+    method: FewShotMethod, spec: InputSpec, path: str | Path, opset: int = OPSET, film: bool = False
+) -> onnx.ModelProto:
     """Write ``method``'s encoder (a CPU float32 copy in eval mode) to ``path``; returns the checked model.
 
     With ``film`` (FiLM methods only) the encoder takes a second input, ``film`` (F,).
@@ -69,10 +70,14 @@ def export_onnx(method: FewShotMethod, spec: InputSpec, path: str | Path, opset:
     """
     copied = _eval_copy(method)
     example = (_images(spec), *([copied.context.identity.clone()] if film else []))
-    return _export(_Embedder(copied), example, path, opset, [INPUT_NAME, FILM_NAME] if film else [INPUT_NAME], OUTPUT_NAME)
+    return _export(
+        _Embedder(copied), example, path, opset, [INPUT_NAME, FILM_NAME] if film else [INPUT_NAME], OUTPUT_NAME
+    )
 
 
-def export_context_onnx(method: FewShotMethod, spec: InputSpec, path: str | Path, opset: int = OPSET) -> onnx.ModelProto:
+def export_context_onnx(
+    method: FewShotMethod, spec: InputSpec, path: str | Path, opset: int = OPSET
+) -> onnx.ModelProto:
     """Write a FiLM method's context, ``images`` (S, C, H, W) -> ``film`` (F,), to ``path``; as ``export_onnx``."""
     return _export(_Context(_eval_copy(method)), (_images(spec),), path, opset, [INPUT_NAME], FILM_NAME)
 
@@ -85,16 +90,30 @@ def _images(spec: InputSpec) -> torch.Tensor:
     return torch.zeros(2, spec.channels, spec.height, spec.width)
 
 
-def _export(module: nn.Module, example: tuple[torch.Tensor, ...], path: str | Path, opset: int,
-            input_names: Sequence[str], output_name: str) -> onnx.ModelProto:
+def _export(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: str | Path,
+    opset: int,
+    input_names: Sequence[str],
+    output_name: str,
+) -> onnx.ModelProto:
     """Trace ``module`` to ``path`` with a dynamic first axis on ``images`` (and on a batched output); check it."""
     if opset < OPSET:
         raise FewShotInputError(f"opset must be at least {OPSET}, got {opset}")
     dynamic = {INPUT_NAME: {0: "batch"}, **({OUTPUT_NAME: {0: "batch"}} if output_name == OUTPUT_NAME else {})}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter announces its age
-        torch.onnx.export(module, example, str(path), dynamo=False, opset_version=opset,
-                          input_names=list(input_names), output_names=[output_name], dynamic_axes=dynamic)
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(input_names),
+            output_names=[output_name],
+            dynamic_axes=dynamic,
+        )
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -51,14 +51,22 @@ class ParityError(RuntimeError):
 
     def __init__(self, report: ParityReport) -> None:
         worst = max(report.checks, key=report.checks.get, default="no checks")
-        super().__init__(f"ONNX parity check failed: max |onnx - torch| = {report.max_abs_diff:.3g} on {worst}"
-                         f" exceeds the tolerance {report.tolerance:g}; no bundle written")
+        super().__init__(
+            f"ONNX parity check failed: max |onnx - torch| = {report.max_abs_diff:.3g} on {worst}"
+            f" exceeds the tolerance {report.tolerance:g}; no bundle written"
+        )
         self.report = report
 
 
-def check_parity(method: FewShotMethod, adapter: Adapter, spec: InputSpec,
-                 real_pixels: np.ndarray | None = None, tolerance: float = 1e-4,
-                 batch_sizes: Sequence[int] = BATCH_SIZES, seed: int = 0) -> ParityReport:
+def check_parity(
+    method: FewShotMethod,
+    adapter: Adapter,
+    spec: InputSpec,
+    real_pixels: np.ndarray | None = None,
+    tolerance: float = 1e-4,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    seed: int = 0,
+) -> ParityReport:
     """Compare outputs on random uint8 images of each batch size and on ``real_pixels`` (uint8 (N, C, H, W)).
 
     Both sides see the same ``normalize``d float32 batch: PyTorch in eval mode, ONNX through ``adapter``
@@ -81,8 +89,9 @@ def check_parity(method: FewShotMethod, adapter: Adapter, spec: InputSpec,
     return report
 
 
-def _film_runs(method: FewShotMethod, adapter: FilmAdapter,
-               rng: np.random.Generator) -> dict[str, tuple[OnnxRun, TorchRun]]:
+def _film_runs(
+    method: FewShotMethod, adapter: FilmAdapter, rng: np.random.Generator
+) -> dict[str, tuple[OnnxRun, TorchRun]]:
     """Check-name prefix -> (ONNX, PyTorch) for the context and the encoder under identity and random FiLM
     (the runtime side under the bundle's identity, PyTorch under the method's)."""
     identity = method.context.identity.detach().float().cpu().numpy()
@@ -90,13 +99,17 @@ def _film_runs(method: FewShotMethod, adapter: FilmAdapter,
 
     def under(runtime_film: np.ndarray, torch_film: np.ndarray) -> tuple[OnnxRun, TorchRun]:
         def torch_run(images: torch.Tensor) -> torch.Tensor:
-            return method.embed(images, film=split_film(torch.from_numpy(torch_film).to(images.device),
-                                                        method.context.block_channels))
+            return method.embed(
+                images, film=split_film(torch.from_numpy(torch_film).to(images.device), method.context.block_channels)
+            )
+
         return lambda x: adapter.encoder.embed(x, runtime_film), torch_run
 
-    return {"context on ": (adapter.context.run, method.context.flat),
-            "encoder under identity FiLM on ": under(adapter.identity, identity),
-            "encoder under random FiLM on ": under(random, random)}
+    return {
+        "context on ": (adapter.context.run, method.context.flat),
+        "encoder under identity FiLM on ": under(adapter.identity, identity),
+        "encoder under random FiLM on ": under(random, random),
+    }
 
 
 @torch.no_grad()

@@ -92,55 +92,92 @@ def float_stem(model: onnx.ModelProto) -> list[str]:
 
 def to_int8(source: Path, dest: Path, feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Write the QDQ int8 encoder, calibrated on ``feeds`` (input name -> float32 batch), to ``dest``."""
-    options = {"per_channel": True, "activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8,
-               "calibrate_method": CalibrationMethod.MinMax}
+    options = {
+        "per_channel": True,
+        "activation_type": QuantType.QInt8,
+        "weight_type": QuantType.QInt8,
+        "calibrate_method": CalibrationMethod.MinMax,
+    }
     with tempfile.TemporaryDirectory(prefix="fewshot-edge-int8-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared))
         stem = float_stem(onnx.load(str(prepared)))
-        quantize_static(str(prepared), str(dest), _Feeds(feeds), quant_format=QuantFormat.QDQ, nodes_to_exclude=stem, **options)
-    return {"tool": "onnxruntime.quantization.quantize_static after quant_pre_process", "format": "QDQ",
-            **{k: str(v).rsplit(".", 1)[-1] if not isinstance(v, bool) else v for k, v in options.items()},
-            "float_nodes": stem, "calibration_images": sum(len(f[INPUT_NAME]) for f in feeds)}
+        quantize_static(
+            str(prepared), str(dest), _Feeds(feeds), quant_format=QuantFormat.QDQ, nodes_to_exclude=stem, **options
+        )
+    return {
+        "tool": "onnxruntime.quantization.quantize_static after quant_pre_process",
+        "format": "QDQ",
+        **{k: str(v).rsplit(".", 1)[-1] if not isinstance(v, bool) else v for k, v in options.items()},
+        "float_nodes": stem,
+        "calibration_images": sum(len(f[INPUT_NAME]) for f in feeds),
+    }
 
 
-def calibration_feeds(adapter: Adapter, train: FewShotDataset, images: int = CALIBRATION_IMAGES,
-                      batch: int = CALIBRATION_BATCH, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(
+    adapter: Adapter,
+    train: FewShotDataset,
+    images: int = CALIBRATION_IMAGES,
+    batch: int = CALIBRATION_BATCH,
+    seed: int = 0,
+) -> list[dict[str, np.ndarray]]:
     """Batches of normalised training images as the encoder takes them (with each batch's FiLM, from the
     adapter's context engine, for a FiLM encoder)."""
     ids = np.sort(np.random.default_rng(seed).choice(len(train), min(images, len(train)), replace=False))
     feeds = []
     for i in range(0, len(ids), batch):
-        x = normalize(train.images[ids[i:i + batch]], train.spec)
-        feeds.append({INPUT_NAME: x, **({FILM_NAME: adapter.context.run(x)} if isinstance(adapter, FilmAdapter) else {})})
+        x = normalize(train.images[ids[i : i + batch]], train.spec)
+        feeds.append(
+            {INPUT_NAME: x, **({FILM_NAME: adapter.context.run(x)} if isinstance(adapter, FilmAdapter) else {})}
+        )
     return feeds
 
 
-def build_variants(adapter: Adapter, precisions: Sequence[str], train: FewShotDataset, validation: FewShotDataset,
-                   episodes: int = 1000, seed: int = 0, force: bool = False) -> dict[str, dict[str, Any]]:
+def build_variants(
+    adapter: Adapter,
+    precisions: Sequence[str],
+    train: FewShotDataset,
+    validation: FewShotDataset,
+    episodes: int = 1000,
+    seed: int = 0,
+    force: bool = False,
+) -> dict[str, dict[str, Any]]:
     """Write each variant of the fp32 encoder of ``adapter``'s bundle beside it (``variant_file``) and
     measure it through the same adapter class over the variant's engine; returns the manifest's
     ``variants`` mapping (fp32's accuracy first). Raises VariantRefused unless ``force``."""
     source = adapter.bundle.encoder_file()
     sampler = EpisodeSampler(validation, N_WAY, K_SHOT, Q_QUERY, seed=seed)
     index = np.stack([sampler.sample().index.cpu().numpy() for _ in range(episodes)])  # (E, n, k + q)
-    described = (f"{episodes} {N_WAY}-way {K_SHOT}-shot validation episodes ({Q_QUERY} queries per class, seed {seed})"
-                 f" on {validation.num_classes} held-out classes")
+    described = (
+        f"{episodes} {N_WAY}-way {K_SHOT}-shot validation episodes ({Q_QUERY} queries per class, seed {seed})"
+        f" on {validation.num_classes} held-out classes"
+    )
     reference = _embed_all(adapter, validation, index)
     base = _accuracies(reference, adapter.embedding)
     accuracy, ci95 = confidence_interval(base)
-    variants: dict[str, dict[str, Any]] = {"fp32": {"role": "encoder", "accuracy": accuracy, "ci95": ci95, "episodes": described}}
+    variants: dict[str, dict[str, Any]] = {
+        "fp32": {"role": "encoder", "accuracy": accuracy, "ci95": ci95, "episodes": described}
+    }
     for precision in precisions:
         path = source.with_name(variant_file(precision))
-        method = to_fp16(source, path) if precision == "fp16" else to_int8(source, path, calibration_feeds(adapter, train, seed=seed))
+        method = (
+            to_fp16(source, path)
+            if precision == "fp16"
+            else to_int8(source, path, calibration_feeds(adapter, train, seed=seed))
+        )
         disabled = DISABLED_OPTIMIZERS.get(precision, [])
         variant = type(adapter)(adapter.bundle, Engine(path, disabled_optimizers=disabled))
         embedded = _embed_all(variant, validation, index)
         accuracies = _accuracies(embedded, adapter.embedding)
-        entry = {"role": encoder_role(precision), **dict(zip(("accuracy", "ci95"), confidence_interval(accuracies), strict=True)),
-                 **dict(zip(("delta", "delta_ci95"), confidence_interval(accuracies - base), strict=True)),
-                 "parity": _parity(reference, embedded, PARITY_TOLERANCE[precision]), "episodes": described, "method": method,
-                 **({"disabled_optimizers": disabled} if disabled else {})}
+        entry = {
+            "role": encoder_role(precision),
+            **dict(zip(("accuracy", "ci95"), confidence_interval(accuracies), strict=True)),
+            **dict(zip(("delta", "delta_ci95"), confidence_interval(accuracies - base), strict=True)),
+            "parity": _parity(reference, embedded, PARITY_TOLERANCE[precision]),
+            "episodes": described,
+            "method": method,
+            **({"disabled_optimizers": disabled} if disabled else {}),
+        }
         if not force:
             _check(precision, entry, accuracy)
         variants[precision] = entry
@@ -156,8 +193,15 @@ def _embed_all(adapter: Adapter, data: FewShotDataset, index: np.ndarray) -> np.
 def _accuracies(embedded: np.ndarray, embedding: EmbeddingSpec) -> np.ndarray:
     """Per-episode prototype accuracy of the embedded episodes (E, n, k + q, D)."""
     labels = np.repeat(np.arange(N_WAY), Q_QUERY)
-    return np.array([(distances(e[:, K_SHOT:].reshape(-1, e.shape[-1]), e[:, :K_SHOT].mean(1), embedding.metric)
-                      .argmin(1) == labels).mean() for e in embedded])
+    return np.array(
+        [
+            (
+                distances(e[:, K_SHOT:].reshape(-1, e.shape[-1]), e[:, :K_SHOT].mean(1), embedding.metric).argmin(1)
+                == labels
+            ).mean()
+            for e in embedded
+        ]
+    )
 
 
 def _parity(reference: np.ndarray, embedded: np.ndarray, tolerance: float) -> dict[str, float]:
@@ -173,8 +217,10 @@ def _check(precision: str, entry: dict[str, Any], fp32_accuracy: float) -> None:
         raise VariantRefused(
             f"{precision} encoder loses {100 * -entry['delta']:.2f} points of {N_WAY}-way {K_SHOT}-shot accuracy"
             f" ({100 * entry['accuracy']:.2f}% vs fp32 {100 * fp32_accuracy:.2f}%), more than {100 * MAX_ACCURACY_LOSS:g};"
-            " no bundle written (force it with --force-variant)")
+            " no bundle written (force it with --force-variant)"
+        )
     if parity["max_rel_diff"] > parity["tolerance"]:
         raise VariantRefused(
             f"{precision} encoder's embeddings differ from fp32's by up to {100 * parity['max_rel_diff']:.1f}%"
-            f" (tolerance {100 * parity['tolerance']:g}%); no bundle written (force it with --force-variant)")
+            f" (tolerance {100 * parity['tolerance']:g}%); no bundle written (force it with --force-variant)"
+        )

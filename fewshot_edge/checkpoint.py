@@ -28,16 +28,23 @@ def build_method(config: TrainConfig, spec: InputSpec, initialize: bool = False)
         try:
             backbone.load_state_dict(source.state_dict())
         except RuntimeError as exc:
-            raise FewShotInputError(f"--init-from {config.init_from}: its backbone does not fit {config.backbone!r}"
-                                    f" ({str(exc).splitlines()[0]})") from None
+            raise FewShotInputError(
+                f"--init-from {config.init_from}: its backbone does not fit {config.backbone!r}"
+                f" ({str(exc).splitlines()[0]})"
+            ) from None
     return method
 
 
-def save_checkpoint(path: Path, method: FewShotMethod, config: TrainConfig, spec: InputSpec,
-                    **extra: Any) -> None:
+def save_checkpoint(path: Path, method: FewShotMethod, config: TrainConfig, spec: InputSpec, **extra: Any) -> None:
     """Write atomically (temp file + rename), so a crash never leaves a half-written checkpoint."""
-    payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "spec": spec.to_dict(),
-               "state": method.state_dict(), **extra}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "spec": spec.to_dict(),
+        "state": method.state_dict(),
+        **extra,
+    }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -59,8 +66,9 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     return payload
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[FewShotMethod, TrainConfig, InputSpec, dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[FewShotMethod, TrainConfig, InputSpec, dict[str, Any]]:
     """Rebuild the method from a checkpoint; returns (method in eval mode, config, spec, payload)."""
     payload = read_checkpoint(path, device)
     config = TrainConfig.from_dict(payload["config"])

@@ -46,8 +46,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant"):
             raise FewShotInputError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        for name in ("n_way", "k_shot", "q_query", "val_way", "val_shot", "val_query", "val_episodes",
-                     "val_every", "episodes"):
+        for name in (
+            "n_way",
+            "k_shot",
+            "q_query",
+            "val_way",
+            "val_shot",
+            "val_query",
+            "val_episodes",
+            "val_every",
+            "episodes",
+        ):
             if getattr(self, name) < 1:
                 raise FewShotInputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.time_limit is not None and self.time_limit <= 0:
@@ -61,8 +70,11 @@ class TrainConfig:
         """Parse a saved config; a FiLM ``init_from`` method option (before 0.2) becomes ``init_from``."""
         options = d.get("method_options") or {}
         if "init_from" in options:
-            d = {**d, "init_from": options["init_from"],
-                 "method_options": {k: v for k, v in options.items() if k != "init_from"}}
+            d = {
+                **d,
+                "init_from": options["init_from"],
+                "method_options": {k: v for k, v in options.items() if k != "init_from"},
+            }
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -31,15 +31,26 @@ class EpisodeSampler:
     them with the data set's ``InputSpec.scale_shift`` constants (the runtime's preprocessing).
     """
 
-    def __init__(self, dataset: FewShotDataset, n_way: int, k_shot: int, q_query: int,
-                 seed: int = 0, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        dataset: FewShotDataset,
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
         counts = dataset.class_counts()
         if n_way > dataset.num_classes:
-            raise FewShotInputError(f"{n_way}-way episodes need {n_way} classes; the data set has {dataset.num_classes}")
+            raise FewShotInputError(
+                f"{n_way}-way episodes need {n_way} classes; the data set has {dataset.num_classes}"
+            )
         eligible = np.flatnonzero(counts >= k_shot + q_query)
         if len(eligible) < n_way:
-            raise FewShotInputError(f"only {len(eligible)} classes have the {k_shot + q_query} images a "
-                             f"{k_shot}-shot {q_query}-query episode needs; {n_way} are required")
+            raise FewShotInputError(
+                f"only {len(eligible)} classes have the {k_shot + q_query} images a "
+                f"{k_shot}-shot {q_query}-query episode needs; {n_way} are required"
+            )
         self.device = torch.device(device)
         self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
         self.images = torch.from_numpy(dataset.images).to(self.device)
@@ -79,4 +90,3 @@ class EpisodeSampler:
             classes=classes,
             index=idx,
         )
-

@@ -29,22 +29,33 @@ class EvalResult:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"{self.n_way}-way {self.k_shot}-shot: {100 * self.accuracy:.2f}% "
-                f"+- {100 * self.ci95:.2f} (95% CI, {self.episodes} episodes)")
+        return (
+            f"{self.n_way}-way {self.k_shot}-shot: {100 * self.accuracy:.2f}% "
+            f"+- {100 * self.ci95:.2f} (95% CI, {self.episodes} episodes)"
+        )
 
 
 @torch.no_grad()
-def evaluate(method: FewShotMethod, dataset: FewShotDataset, n_way: int, k_shot: int, q_query: int = 15,
-             episodes: int = 1000, seed: int = 0, device: str | torch.device = "cpu",
-             progress: bool = False) -> EvalResult:
+def evaluate(
+    method: FewShotMethod,
+    dataset: FewShotDataset,
+    n_way: int,
+    k_shot: int,
+    q_query: int = 15,
+    episodes: int = 1000,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> EvalResult:
     """Accuracy of ``method`` on episodes drawn from ``dataset`` (BatchNorm in eval mode)."""
     sampler = EpisodeSampler(dataset, n_way, k_shot, q_query, seed=seed, device=device)
     return evaluate_sampler(method, sampler, episodes, progress=progress)
 
 
 @torch.no_grad()
-def evaluate_sampler(method: FewShotMethod, sampler: EpisodeSampler, episodes: int,
-                     progress: bool = False) -> EvalResult:
+def evaluate_sampler(
+    method: FewShotMethod, sampler: EpisodeSampler, episodes: int, progress: bool = False
+) -> EvalResult:
     """Accuracy over ``episodes`` episodes from ``sampler``; restores the method's train/eval mode."""
     was_training = method.training
     method.eval()

@@ -39,16 +39,24 @@ def perturb(glyph: np.ndarray, seed: int, strength: float = 1.0) -> np.ndarray:
     scale = 1.0 + rng.uniform(-0.1, 0.1) * strength
     shear = rng.uniform(-0.15, 0.15) * strength
     shift = rng.uniform(-0.04, 0.04, size=2) * strength * (w, h)
-    forward = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ np.array([[1, shear], [0, 1]])
+    forward = (
+        scale
+        * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        @ np.array([[1, shear], [0, 1]])
+    )
     inverse = np.linalg.inv(forward)  # PIL maps output pixels back to input pixels
     centre = np.array([(w - 1) / 2, (h - 1) / 2])
     offset = centre - inverse @ (centre + shift)
     coeffs = (*inverse[0], offset[0], *inverse[1], offset[1])
-    image = Image.fromarray(glyph).transform((w, h), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=PAPER)
+    image = Image.fromarray(glyph).transform(
+        (w, h), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=PAPER
+    )
     pen = int(rng.integers(-1, 2)) if rng.random() < strength else 0
     if pen:  # at 4x the resolution, so the stroke grows or shrinks by half a pixel: the model is sensitive to pen width
         image = image.resize((4 * w, 4 * h), Image.Resampling.NEAREST)
-        image = image.filter(ImageFilter.MinFilter(3) if pen > 0 else ImageFilter.MaxFilter(3)).resize((w, h), Image.Resampling.BOX)
+        image = image.filter(ImageFilter.MinFilter(3) if pen > 0 else ImageFilter.MaxFilter(3)).resize(
+            (w, h), Image.Resampling.BOX
+        )
     out = np.where(np.asarray(image) < 128, INK, PAPER).astype(np.uint8)
     flips = rng.random(out.shape) < 0.0005 * strength
     out[flips] = PAPER + INK - out[flips]

@@ -33,8 +33,10 @@ def autocast_enabled(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     cpu = torch.cpu
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return bool(
+        getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    )
 
 
 def learning_rate(config: TrainConfig, progress: float) -> float:
@@ -69,8 +71,12 @@ class Meter:
         """Show the window's mean loss, accuracy and speed on ``bar`` (syncs the device); start a new window."""
         mean_loss, mean_acc = self.loss.item() / self.window, self.acc.item() / self.window
         now = time.perf_counter()
-        bar.set_postfix(eps=f"{self.window / (now - self.window_t):.1f}/s", loss=f"{mean_loss:.3f}",
-                        acc=f"{mean_acc:.3f}", val=f"{val.accuracy:.4f}" if val else "-")
+        bar.set_postfix(
+            eps=f"{self.window / (now - self.window_t):.1f}/s",
+            loss=f"{mean_loss:.3f}",
+            acc=f"{mean_acc:.3f}",
+            val=f"{val.accuracy:.4f}" if val else "-",
+        )
         bar.update(self.window)
         self.loss.zero_()
         self.acc.zero_()
@@ -97,27 +103,41 @@ class Checkpoints:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"accuracy": -1.0}
 
-    def record(self, result: EvalResult, episode: int, elapsed: float, method: FewShotMethod,
-               optimizer: torch.optim.Optimizer, sampler: EpisodeSampler) -> None:
+    def record(
+        self,
+        result: EvalResult,
+        episode: int,
+        elapsed: float,
+        method: FewShotMethod,
+        optimizer: torch.optim.Optimizer,
+        sampler: EpisodeSampler,
+    ) -> None:
         """Add ``result`` to the history, save best.pt when it is the best so far, and always last.pt."""
         self.history.append({"episode": episode, "elapsed_s": round(elapsed, 1), **result.to_dict()})
         if result.accuracy > self.best["accuracy"]:
             self.best.update(result.to_dict(), episode=episode)
             save_checkpoint(self.out / "best.pt", method, self.config, self.spec, episode=episode, best=self.best)
-        save_checkpoint(self.out / "last.pt", method, self.config, self.spec, episode=episode, elapsed=elapsed,
-                        optimizer=optimizer.state_dict(), generator=sampler.generator.get_state(),
-                        history=self.history, best=self.best)
+        save_checkpoint(
+            self.out / "last.pt",
+            method,
+            self.config,
+            self.spec,
+            episode=episode,
+            elapsed=elapsed,
+            optimizer=optimizer.state_dict(),
+            generator=sampler.generator.get_state(),
+            history=self.history,
+            best=self.best,
+        )
 
 
-def validate(method: FewShotMethod, val_data: FewShotDataset, config: TrainConfig, device: torch.device
-             ) -> EvalResult:
+def validate(method: FewShotMethod, val_data: FewShotDataset, config: TrainConfig, device: torch.device) -> EvalResult:
     """Accuracy on ``config.val_episodes`` validation episodes, the same episodes every time."""
     sampler = EpisodeSampler(val_data, config.val_way, config.val_shot, config.val_query, config.seed + 1, device)
     return evaluate_sampler(method, sampler, config.val_episodes)
 
 
-def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: bool | None = None
-          ) -> dict[str, Any]:
+def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: bool | None = None) -> dict[str, Any]:
     """Meta-train ``config.method``; writes config.json, last.pt, best.pt and metrics.json to ``config.out``.
 
     Stops after ``config.episodes`` episodes or ``config.time_limit`` minutes, whichever comes first;
@@ -129,14 +149,17 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
         torch.backends.cudnn.benchmark = True
     train_data, val_data = load_splits(config)
     # channels-last convolutions run about 2x faster in bf16 on CPU (oneDNN) and use tensor cores on GPU
-    method = build_method(config, train_data.spec, initialize=resume is None).to(device, memory_format=torch.channels_last)
+    method = build_method(config, train_data.spec, initialize=resume is None).to(
+        device, memory_format=torch.channels_last
+    )
     out = Path(config.out)  # written only once the data and the method are known to be good
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")
     if config.compile:  # in place, so checkpoint keys stay the same; CUDA graphs cut launch overhead
         method.backbone.compile(mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
-    optimizer = torch.optim.Adam(method.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                 fused=device.type == "cuda")
+    optimizer = torch.optim.Adam(
+        method.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
+    )
     sampler = EpisodeSampler(train_data, config.n_way, config.k_shot, config.q_query, config.seed, device)
     checkpoints = Checkpoints(out, config, train_data.spec)
     start_episode, elapsed_before = 0, 0.0
@@ -187,10 +210,16 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
     history = checkpoints.history
     if not history or history[-1]["episode"] != episode:
         checkpoints.record(validate(method, val_data, config, device), episode, elapsed, method, optimizer, sampler)
-    metrics = {"episodes": episode, "elapsed_s": round(elapsed, 3),
-               "episodes_per_s": round((episode - start_episode) / max(elapsed - elapsed_before, 1e-9), 2),
-               "steady_episodes_per_s": meter.steady_rate(episode, loop_end),
-               "device": str(device), "best": checkpoints.best, "history": history,
-               "train_classes": train_data.num_classes, "val_classes": val_data.num_classes}
+    metrics = {
+        "episodes": episode,
+        "elapsed_s": round(elapsed, 3),
+        "episodes_per_s": round((episode - start_episode) / max(elapsed - elapsed_before, 1e-9), 2),
+        "steady_episodes_per_s": meter.steady_rate(episode, loop_end),
+        "device": str(device),
+        "best": checkpoints.best,
+        "history": history,
+        "train_classes": train_data.num_classes,
+        "val_classes": val_data.num_classes,
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -150,7 +150,11 @@ class PrototypeAdapter(Adapter):
     def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         d = distances(queries, self.prototypes, self.embedding.metric)
         nearest = d.argmin(axis=1)
-        return logits_from_distances(d, self.embedding), d[np.arange(len(d)), nearest], self._counts[nearest].astype(np.int64)
+        return (
+            logits_from_distances(d, self.embedding),
+            d[np.arange(len(d)), nearest],
+            self._counts[nearest].astype(np.int64),
+        )
 
     def _update_prototypes(self) -> None:
         self.prototypes = (self._sums / np.maximum(self._counts, 1.0)[:, None]).astype(np.float32)
@@ -175,12 +179,16 @@ class FilmAdapter(PrototypeAdapter):
     def __init__(self, bundle: Bundle, encoder: Engine, overrides: Mapping[str, Any] | None = None) -> None:
         super().__init__(bundle, encoder, overrides)
         if self.identity is None:
-            raise FewShotInputError(f"adaptation mode 'film' needs a FiLM encoder; {encoder.path.name} takes no film input")
+            raise FewShotInputError(
+                f"adaptation mode 'film' needs a FiLM encoder; {encoder.path.name} takes no film input"
+            )
         size = self.params.get("film_size")
         for what, n in (("identity FiLM", len(self.identity)), ("encoder's film input", encoder.film_size)):
             if n is not None and n != size:
                 raise FewShotInputError(f"bundle's film mode records film_size {size!r}, but its {what} has {n} values")
-        self.context = ContextEngine(bundle.file("context"), encoder.providers, encoder.threads, self.params.get("context_input"))
+        self.context = ContextEngine(
+            bundle.file("context"), encoder.providers, encoder.threads, self.params.get("context_input")
+        )
         self.film = self.identity
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
@@ -219,7 +227,9 @@ class FinetuneAdapter(PrototypeAdapter):
     def __init__(self, bundle: Bundle, encoder: Engine, overrides: Mapping[str, Any] | None = None) -> None:
         super().__init__(bundle, encoder, overrides)
         if self.params.get("init", "prototype") != "prototype":
-            raise FewShotInputError(f"bundle's fine-tune head init {self.params['init']!r} is not supported (this runtime has: prototype)")
+            raise FewShotInputError(
+                f"bundle's fine-tune head init {self.params['init']!r} is not supported (this runtime has: prototype)"
+            )
         steps = self.params.get("steps")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
             raise FewShotInputError(f"fine-tune steps must be a whole number, 0 or more, got {steps!r}")
@@ -235,7 +245,9 @@ class FinetuneAdapter(PrototypeAdapter):
             self.weight, self.bias = state["weight"], state["bias"]
         else:
             x = shots.embeddings.reshape(-1, self.embedding.size)
-            self.weight, self.bias = finetune_head(x, shots.targets, self.prototypes, self.lr_weight, self.lr_bias, self.l2)
+            self.weight, self.bias = finetune_head(
+                x, shots.targets, self.prototypes, self.lr_weight, self.lr_bias, self.l2
+            )
 
     def add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray) -> bool:
         return False

@@ -46,7 +46,11 @@ class Selection:
 
     def describe(self) -> str:
         """One line: the choice and why each better backend was skipped."""
-        text = f"backend {self.backend} ({', '.join(self.providers)})" if self.backend != TENSORRT else "backend tensorrt (engine)"
+        text = (
+            f"backend {self.backend} ({', '.join(self.providers)})"
+            if self.backend != TENSORRT
+            else "backend tensorrt (engine)"
+        )
         if self.skipped:
             text += "; skipped " + "; ".join(f"{name}: {why}" for name, why in self.skipped.items())
         return text
@@ -71,7 +75,9 @@ def _importable(module: str) -> bool:
 _DETECT: Any = object()
 
 
-def select(backend: str = AUTO, providers: Sequence[str] | None = None, tensorrt_reason: str | None = _DETECT) -> Selection:
+def select(
+    backend: str = AUTO, providers: Sequence[str] | None = None, tensorrt_reason: str | None = _DETECT
+) -> Selection:
     """The backend to run: ``backend`` itself (an error when it cannot run here) or, for "auto", the
     first of ``BACKENDS`` that can. ``providers`` (default: this onnxruntime's) and ``tensorrt_reason``
     (why no TensorRT engine can run, None = it can; default: ``tensorrt_missing()``) describe the machine."""
@@ -90,7 +96,9 @@ def select(backend: str = AUTO, providers: Sequence[str] | None = None, tensorrt
     raise FewShotInputError(f"no backend can run here: {'; '.join(f'{k}: {v}' for k, v in skipped.items())}")
 
 
-def availability(providers: Sequence[str] | None = None, tensorrt_reason: str | None = _DETECT) -> dict[str, str | None]:
+def availability(
+    providers: Sequence[str] | None = None, tensorrt_reason: str | None = _DETECT
+) -> dict[str, str | None]:
     """Backend -> why it cannot run here (None: it can), best first; arguments as ``select``'s."""
     available = list(ort.get_available_providers() if providers is None else providers)
     trt_reason = tensorrt_missing() if tensorrt_reason is _DETECT else tensorrt_reason
@@ -115,9 +123,14 @@ def _ort_fallback(available: Sequence[str]) -> tuple[str, ...]:
 def provider_options(providers: Sequence[str], precision: str, cache_dir: Path) -> list[Provider]:
     """The providers as onnxruntime takes them: TensorrtExecutionProvider with its engine and timing
     caches in ``cache_dir`` and the precision's flag (fp16; int8 for a QDQ model, with fp16 beside)."""
-    trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
-                   "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir),
-                   "trt_fp16_enable": precision in ("fp16", "int8"), "trt_int8_enable": precision == "int8"}
+    trt_options = {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_fp16_enable": precision in ("fp16", "int8"),
+        "trt_int8_enable": precision == "int8",
+    }
     return [(p, trt_options) if p == "TensorrtExecutionProvider" else p for p in providers]
 
 
@@ -129,7 +142,12 @@ def engine_dir(bundle_dir: str | Path, override: str | Path | None = None) -> Pa
     bundle = Path(bundle_dir)
     if os.access(bundle, os.W_OK):
         return bundle / "engines"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fewshot-edge" / "engines" / bundle.resolve().name
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "fewshot-edge"
+        / "engines"
+        / bundle.resolve().name
+    )
 
 
 def announce(selection: Selection) -> None:
@@ -137,8 +155,15 @@ def announce(selection: Selection) -> None:
     log.info("fewshot-edge: %s", selection.describe())
 
 
-def open_encoder(bundle: Bundle, precision: str = "fp32", backend: str = AUTO, providers: Sequence[str] | None = None,
-                 threads: int | None = None, film_input: str = "film", engines: str | Path | None = None) -> Engine:
+def open_encoder(
+    bundle: Bundle,
+    precision: str = "fp32",
+    backend: str = AUTO,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    film_input: str = "film",
+    engines: str | Path | None = None,
+) -> Engine:
     """The bundle's ``precision`` encoder on ``backend`` ("auto": the best this machine can run, logged),
     or on exactly ``providers`` when given (an onnxruntime provider list, as before backends existed).
     onnxruntime runs a variant without the graph optimizers its manifest entry names (``disabled_optimizers``)."""
@@ -146,7 +171,9 @@ def open_encoder(bundle: Bundle, precision: str = "fp32", backend: str = AUTO, p
     if providers is not None:
         if backend != AUTO:
             raise FewShotInputError("give a backend or a provider list, not both")
-        return Engine(bundle.encoder_file(precision), providers, threads, film_input=film_input, disabled_optimizers=disabled)
+        return Engine(
+            bundle.encoder_file(precision), providers, threads, film_input=film_input, disabled_optimizers=disabled
+        )
     selection = select(backend)
     announce(selection)
     cache = engine_dir(bundle.path, engines)
@@ -158,5 +185,16 @@ def open_encoder(bundle: Bundle, precision: str = "fp32", backend: str = AUTO, p
         from .tensorrt import engine_source
 
         source = engine_source(bundle, precision)
-        return Engine(source, provider_options(selection.providers, precision, cache / "ort-tensorrt"), threads, film_input=film_input)
-    return Engine(bundle.encoder_file(precision), selection.providers, threads, film_input=film_input, disabled_optimizers=disabled)
+        return Engine(
+            source,
+            provider_options(selection.providers, precision, cache / "ort-tensorrt"),
+            threads,
+            film_input=film_input,
+        )
+    return Engine(
+        bundle.encoder_file(precision),
+        selection.providers,
+        threads,
+        film_input=film_input,
+        disabled_optimizers=disabled,
+    )

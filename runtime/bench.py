@@ -69,9 +69,17 @@ def enroll_random(model: FewShotModel, n_way: int, k_shot: int) -> None:
 
 
 def run_benchmark(
-    bundle: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
-    runs: int = 1000, batch: int = 256, seconds: float = 2.0, enroll_runs: int = 100, child_runs: int = 300,
-    precision: str = "fp32", backend: str = "auto", engines: str | None = None,
+    bundle: str | Path,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    runs: int = 1000,
+    batch: int = 256,
+    seconds: float = 2.0,
+    enroll_runs: int = 100,
+    child_runs: int = 300,
+    precision: str = "fp32",
+    backend: str = "auto",
+    engines: str | None = None,
 ) -> dict[str, Any]:
     """Measure the bundle (see the module docstring) and return the figures as a JSON-ready dict.
 
@@ -79,7 +87,13 @@ def run_benchmark(
     ``enroll_runs`` enrollments, and ``child_runs`` predictions in the fresh process; the encoder of
     ``precision`` on ``backend`` (or exactly ``providers``; TensorRT engines cached in ``engines``).
     """
-    opened = {"threads": threads, "providers": providers, "precision": precision, "backend": backend, "engines": engines}
+    opened = {
+        "threads": threads,
+        "providers": providers,
+        "precision": precision,
+        "backend": backend,
+        "engines": engines,
+    }
     with tempfile.TemporaryDirectory(prefix="fewshot-edge-bench-") as tmp:
         store = Path(tmp) / "bench.db"
         with FewShotModel.open(bundle, store=store, **opened) as model:
@@ -110,7 +124,7 @@ def run_benchmark(
 
 
 def shape_text(spec: InputSpec) -> str:
-    """"CxHxW" of an input spec."""
+    """ "CxHxW" of an input spec."""
     return "x".join(map(str, (spec.channels, spec.height, spec.width)))
 
 
@@ -119,10 +133,17 @@ def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "onnxruntime": ort.__version__}
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": ort.__version__,
+    }
 
 
 def _enroll_latency(bundle: str | Path, store: Path, opened: dict[str, Any], runs: int) -> dict[str, float]:
@@ -139,8 +160,17 @@ def _fresh_process(bundle: str | Path, store: Path, opened: dict[str, Any], runs
     config = json.dumps({"bundle": str(bundle), "store": str(store), "opened": opened, "runs": runs})
     with tempfile.TemporaryFile(mode="w+") as err:  # a file, not a pipe: the child can never block on it
         start = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-c", "import sys; from fewshot_edge.runtime.bench import _child; _child(sys.argv[1])", config],
-                                 stdout=subprocess.PIPE, stderr=err, text=True)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from fewshot_edge.runtime.bench import _child; _child(sys.argv[1])",
+                config,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
         assert child.stdout is not None
         first = child.stdout.readline()
         cold = time.perf_counter() - start

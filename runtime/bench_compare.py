@@ -26,8 +26,9 @@ MODES_N_WAY = 20  # classes enrolled to time each adaptation mode
 ACCURACY_FIELDS = ("accuracy", "ci95", "delta", "delta_ci95")
 
 
-def compare_precisions(bundle: str | Path, runs: int = 1000, batch: int = 256, seconds: float = 2.0,
-                       **opened: Any) -> dict[str, Any]:
+def compare_precisions(
+    bundle: str | Path, runs: int = 1000, batch: int = 256, seconds: float = 2.0, **opened: Any
+) -> dict[str, Any]:
     """Figures per precision (see the module docstring) as a JSON-ready dict; ``opened`` are further
     ``FewShotModel.open`` arguments (threads, backend, providers, engines)."""
     opened_bundle = open_bundle(bundle)
@@ -37,7 +38,10 @@ def compare_precisions(bundle: str | Path, runs: int = 1000, batch: int = 256, s
         with FewShotModel.open(bundle, precision=precision, **opened) as model:
             enroll_random(model, N_WAY, K_SHOT)
             one = source_images(model.spec, 1)
-            encoder_one, encoder_batch = preprocess(one, model.spec), preprocess(source_images(model.spec, batch, seed=7), model.spec)
+            encoder_one, encoder_batch = (
+                preprocess(one, model.spec),
+                preprocess(source_images(model.spec, batch, seed=7), model.spec),
+            )
             rows[precision] = {
                 "providers": model.engine.providers,
                 "predict": time_calls(partial(model.predict, one), runs),
@@ -47,25 +51,43 @@ def compare_precisions(bundle: str | Path, runs: int = 1000, batch: int = 256, s
             }
     for row in rows.values():
         row["throughput_vs_fp32"] = row["encoder_images_per_s"] / rows["fp32"]["encoder_images_per_s"]
-    return {"bundle": str(bundle), "model_id": manifest.model_id, "machine": machine(), "threads": opened.get("threads"),
-            "batch": batch, "accuracy_on": variants.get("fp32", {}).get("episodes"), "precisions": rows}
+    return {
+        "bundle": str(bundle),
+        "model_id": manifest.model_id,
+        "machine": machine(),
+        "threads": opened.get("threads"),
+        "batch": batch,
+        "accuracy_on": variants.get("fp32", {}).get("episodes"),
+        "precisions": rows,
+    }
 
 
-def compare_modes(bundle: str | Path, modes: Sequence[str], runs: int = 1000, refits: int = 20,
-                  **opened: Any) -> dict[str, Any]:
+def compare_modes(
+    bundle: str | Path, modes: Sequence[str], runs: int = 1000, refits: int = 20, **opened: Any
+) -> dict[str, Any]:
     """Figures per adaptation mode, prototype first when the bundle has it (see the module docstring), as a JSON-ready dict;
     ``opened`` as ``compare_precisions``'s (precision too). A mode the bundle does not list is a
     FewShotInputError before anything runs."""
     listed = open_bundle(bundle).manifest.adaptation.modes
     missing = [m for m in modes if m not in listed]
     if missing:
-        raise FewShotInputError(f"bundle does not support adaptation mode {missing[0]!r} (it supports: {', '.join(listed)})")
+        raise FewShotInputError(
+            f"bundle does not support adaptation mode {missing[0]!r} (it supports: {', '.join(listed)})"
+        )
     rows: dict[str, dict[str, Any]] = {}
     for mode in dict.fromkeys([*(["prototype"] if "prototype" in listed else []), *modes]):
         with FewShotModel.open(bundle, adapt=mode, **opened) as model:
             enroll_random(model, MODES_N_WAY, K_SHOT)
             one = source_images(model.spec, 1)
-            rows[mode] = {"refit": time_calls(model.refit, refits, warmup=1),
-                          "predict": time_calls(partial(model.predict, one), runs)}
-    return {"bundle": str(bundle), "machine": machine(), "threads": opened.get("threads"), "precision": opened.get("precision", "fp32"),
-            "enrolled": f"{MODES_N_WAY} classes x {K_SHOT} shots", "modes": rows}
+            rows[mode] = {
+                "refit": time_calls(model.refit, refits, warmup=1),
+                "predict": time_calls(partial(model.predict, one), runs),
+            }
+    return {
+        "bundle": str(bundle),
+        "machine": machine(),
+        "threads": opened.get("threads"),
+        "precision": opened.get("precision", "fp32"),
+        "enrolled": f"{MODES_N_WAY} classes x {K_SHOT} shots",
+        "modes": rows,
+    }

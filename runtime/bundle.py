@@ -32,7 +32,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METRICS = ("sqeuclidean", "cosine")
 OPEN_SET_STATISTICS = ("nearest_distance",)
-OPEN_SET_BY_SHOTS = ("thresholds_by_shots", "false_accept_by_shots", "false_reject_by_shots")  # OpenSet's per-shot-count fields
+OPEN_SET_BY_SHOTS = (
+    "thresholds_by_shots",
+    "false_accept_by_shots",
+    "false_reject_by_shots",
+)  # OpenSet's per-shot-count fields
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -88,7 +92,9 @@ class OpenSet:
         if self.threshold is not None:
             object.__setattr__(self, "threshold", float(self.threshold))
         if self.statistic not in OPEN_SET_STATISTICS:
-            raise FewShotInputError(f"open-set statistic {self.statistic!r} is not supported (supported: {', '.join(OPEN_SET_STATISTICS)})")
+            raise FewShotInputError(
+                f"open-set statistic {self.statistic!r} is not supported (supported: {', '.join(OPEN_SET_STATISTICS)})"
+            )
         for name in OPEN_SET_BY_SHOTS:
             by_shots = getattr(self, name)
             if by_shots is not None:
@@ -134,7 +140,9 @@ class Adaptation:
 
     def __post_init__(self) -> None:
         if self.default not in self.modes:
-            raise FewShotInputError(f"default adaptation mode {self.default!r} is not among the modes ({', '.join(self.modes)})")
+            raise FewShotInputError(
+                f"default adaptation mode {self.default!r} is not among the modes ({', '.join(self.modes)})"
+            )
 
 
 @dataclass(frozen=True)
@@ -165,8 +173,14 @@ class Manifest:
             "files": {name: asdict(entry) for name, entry in sorted(self.files.items())},
             "input": self.input_spec.to_dict(),
             "embedding": asdict(self.embedding),
-            "adaptation": {"default": self.adaptation.default, "modes": {k: dict(v) for k, v in self.adaptation.modes.items()}},
-            "calibration": {"temperature": self.calibration.temperature, "open_set": self.calibration.open_set.to_dict()},
+            "adaptation": {
+                "default": self.adaptation.default,
+                "modes": {k: dict(v) for k, v in self.adaptation.modes.items()},
+            },
+            "calibration": {
+                "temperature": self.calibration.temperature,
+                "open_set": self.calibration.open_set.to_dict(),
+            },
             "provenance": dict(self.provenance),
             **variants,
         }
@@ -180,22 +194,28 @@ class Manifest:
             raise FewShotInputError(f"not a {FORMAT} manifest (format={d.get('format')!r})")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise FewShotInputError(f"bundle format_version {version!r} is not supported (this runtime reads {FORMAT_VERSION})")
+            raise FewShotInputError(
+                f"bundle format_version {version!r} is not supported (this runtime reads {FORMAT_VERSION})"
+            )
         try:
             for key in ("channels", "height", "width"):
                 _get(d, "input", key)
             open_set = _get(d, "calibration", "open_set", default={})
             return cls(
                 model_id=str(_get(d, "model_id")),
-                files={str(name): FileEntry(str(_get(d, "files", name, "sha256")), str(_get(d, "files", name, "role")))
-                       for name in _get(d, "files")},
+                files={
+                    str(name): FileEntry(str(_get(d, "files", name, "sha256")), str(_get(d, "files", name, "role")))
+                    for name in _get(d, "files")
+                },
                 input_spec=InputSpec.from_dict(_get(d, "input")),
                 embedding=EmbeddingSpec(
                     size=int(_get(d, "embedding", "size")),
                     metric=str(_get(d, "embedding", "metric", default="sqeuclidean")),
                     scale=float(_get(d, "embedding", "scale", default=1.0)),
                 ),
-                adaptation=Adaptation(default=str(_get(d, "adaptation", "default")), modes=dict(_get(d, "adaptation", "modes"))),
+                adaptation=Adaptation(
+                    default=str(_get(d, "adaptation", "default")), modes=dict(_get(d, "adaptation", "modes"))
+                ),
                 calibration=Calibration(
                     temperature=float(_get(d, "calibration", "temperature", default=1.0)),
                     open_set=OpenSet(**{k: v for k, v in open_set.items() if k in OpenSet.__dataclass_fields__}),
@@ -256,8 +276,10 @@ class Bundle:
         """The encoder file of ``precision``; a precision the bundle lacks is a FewShotInputError."""
         role = encoder_role(precision)
         if precision not in self.precisions:
-            raise FewShotInputError(f"bundle {self.path} has no {precision} encoder (it has: {', '.join(self.precisions)});"
-                                    f" export it with --{precision}")
+            raise FewShotInputError(
+                f"bundle {self.path} has no {precision} encoder (it has: {', '.join(self.precisions)});"
+                f" export it with --{precision}"
+            )
         return self.file(role)
 
 
@@ -340,8 +362,12 @@ def write_bundle(
         manifest = Manifest(
             model_id=compute_model_id(hashes),
             files={name: FileEntry(hashes[name], roles[name]) for name in files},
-            input_spec=input_spec, embedding=embedding, adaptation=adaptation,
-            calibration=calibration, provenance=dict(provenance or {}), variants=dict(variants or {}),
+            input_spec=input_spec,
+            embedding=embedding,
+            adaptation=adaptation,
+            calibration=calibration,
+            provenance=dict(provenance or {}),
+            variants=dict(variants or {}),
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
         for name in [*files, MANIFEST]:

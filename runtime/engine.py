@@ -22,11 +22,18 @@ DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 Provider = str | tuple[str, dict[str, Any]]  # a name, or (name, provider options)
 
 
-def _open_session(path: str | Path, providers: Sequence[Provider], threads: int | None, what: str,
-                  disabled_optimizers: Sequence[str] = ()) -> ort.InferenceSession:
+def _open_session(
+    path: str | Path,
+    providers: Sequence[Provider],
+    threads: int | None,
+    what: str,
+    disabled_optimizers: Sequence[str] = (),
+) -> ort.InferenceSession:
     """An optimised session on exactly these providers, less the named graph optimizers (a model may
     need one off to run fast); a missing provider or unreadable model is a FewShotInputError."""
-    missing = [p for p in (p if isinstance(p, str) else p[0] for p in providers) if p not in ort.get_available_providers()]
+    missing = [
+        p for p in (p if isinstance(p, str) else p[0] for p in providers) if p not in ort.get_available_providers()
+    ]
     if missing:
         raise FewShotInputError(
             f"execution provider(s) not available: {', '.join(missing)} (available: {', '.join(ort.get_available_providers())})"
@@ -97,11 +104,14 @@ class Engine:
         if (film is None) != (self._film_name is None):
             raise FewShotInputError(
                 f"encoder {self.path.name} takes a FiLM input {self._film_name!r}: embed with a film vector (adaptation mode 'film')"
-                if film is None else f"encoder {self.path.name} takes no FiLM input, but a film vector was given"
+                if film is None
+                else f"encoder {self.path.name} takes no FiLM input, but a film vector was given"
             )
         if self._fixed_batch is None and len(batch) <= self.max_batch:
             return self._run(batch, film)
-        return np.concatenate([self._run_padded(batch[i:i + self.max_batch], film) for i in range(0, len(batch), self.max_batch)])
+        return np.concatenate(
+            [self._run_padded(batch[i : i + self.max_batch], film) for i in range(0, len(batch), self.max_batch)]
+        )
 
     def _run_padded(self, chunk: np.ndarray, film: np.ndarray | None) -> np.ndarray:
         """Run a chunk, zero-padding it to the graph's fixed batch size when it has one."""
@@ -126,13 +136,20 @@ class ContextEngine:
     """A FiLM context graph: float32 images (S, C, H, W), the whole support set in one run, in; the
     film vector (F,) out. One session, on the same providers and threads as the encoder."""
 
-    def __init__(self, onnx_path: str | Path, providers: Sequence[Provider] | None = None,
-                 threads: int | None = None, input_name: str | None = None) -> None:
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        providers: Sequence[Provider] | None = None,
+        threads: int | None = None,
+        input_name: str | None = None,
+    ) -> None:
         self._session = _open_session(onnx_path, list(providers or DEFAULT_PROVIDERS), threads, "context graph")
         inputs = self._session.get_inputs()
         names = [i.name for i in inputs]
         if len(inputs) != 1 or (input_name is not None and names != [input_name]):
-            raise FewShotInputError(f"context graph {onnx_path} must take one input {input_name or 'images'!r}, it takes {', '.join(names)}")
+            raise FewShotInputError(
+                f"context graph {onnx_path} must take one input {input_name or 'images'!r}, it takes {', '.join(names)}"
+            )
         self._input_name = names[0]
         self._output_names = [self._session.get_outputs()[0].name]
 

@@ -24,14 +24,17 @@ def prototype_head(protos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return 2.0 * c, -(c * c).sum(1)
 
 
-def schedule(lr_weight: Sequence[Sequence[float]], lr_bias: Sequence[float],
-             steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def schedule(
+    lr_weight: Sequence[Sequence[float]], lr_bias: Sequence[float], steps: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The step sizes (steps, 1 or D) and (steps,) for ``steps`` steps (default: as trained); steps past
     the trained ones repeat the last trained step size."""
     w, b = np.asarray(lr_weight, dtype=np.float64), np.asarray(lr_bias, dtype=np.float64)
     trained = len(b)
     if w.ndim != 2 or len(w) != trained:
-        raise FewShotInputError(f"lr_weight must be (steps, 1 or D) with one row per lr_bias entry, got {w.shape} and {b.shape}")
+        raise FewShotInputError(
+            f"lr_weight must be (steps, 1 or D) with one row per lr_bias entry, got {w.shape} and {b.shape}"
+        )
     steps = trained if steps is None else steps
     if steps < 0:
         raise FewShotInputError(f"steps must be 0 or more, got {steps}")
@@ -41,8 +44,9 @@ def schedule(lr_weight: Sequence[Sequence[float]], lr_bias: Sequence[float],
     return w[keep], b[keep]
 
 
-def finetune_head(x: np.ndarray, y: np.ndarray, protos: np.ndarray, lr_weight: np.ndarray, lr_bias: np.ndarray,
-                  l2: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def finetune_head(
+    x: np.ndarray, y: np.ndarray, protos: np.ndarray, lr_weight: np.ndarray, lr_bias: np.ndarray, l2: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """The adapted head (W (C, D), b (C,)) float64 for support embeddings x (n, D) with classes y (n,) in
     0..C-1 and prototypes (C, D), one step per row of the ``schedule``."""
     x = np.asarray(x, dtype=np.float64)

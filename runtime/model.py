@@ -74,7 +74,9 @@ class FewShotModel:
         """
         bundle = open_bundle(bundle_dir)
         modes = bundle.manifest.adaptation.modes
-        asked = _mode(bundle, adapt, None) if adapt else None  # a bad mode, precision or backend fails before the store is touched
+        asked = (
+            _mode(bundle, adapt, None) if adapt else None
+        )  # a bad mode, precision or backend fails before the store is touched
         film_input = str(modes.get("film", {}).get("film_input", "film"))
         engine = open_encoder(bundle, precision, backend, providers, threads, film_input, engines)
         bound_to = bundle.model_id if precision == "fp32" else f"{bundle.model_id}+{precision}"
@@ -198,7 +200,9 @@ def _mode(bundle: Bundle, asked: str | None, remembered: str | None) -> str:
     adaptation = bundle.manifest.adaptation
     mode = asked or (remembered if remembered in adaptation.modes else adaptation.default)
     if mode not in adaptation.modes:
-        raise FewShotInputError(f"bundle does not support adaptation mode {mode!r} (it supports: {', '.join(adaptation.modes)})")
+        raise FewShotInputError(
+            f"bundle does not support adaptation mode {mode!r} (it supports: {', '.join(adaptation.modes)})"
+        )
     if mode not in ADAPTERS:
         raise FewShotInputError(f"this runtime has no adaptation mode {mode!r} (it has: {', '.join(ADAPTERS)})")
     return mode
@@ -218,7 +222,9 @@ def _check_encoder(engine: Engine, adapter: Adapter, bundle: Bundle) -> None:
     expected = (spec.channels, spec.height, spec.width)
     declared = engine.input_shape[1:]
     if len(declared) != 3 or any(d is not None and d != e for d, e in zip(declared, expected, strict=True)):
-        raise FewShotInputError(f"encoder input shape {engine.input_shape} does not match the input spec {_fmt(expected)}")
+        raise FewShotInputError(
+            f"encoder input shape {engine.input_shape} does not match the input spec {_fmt(expected)}"
+        )
     out = adapter.embed(np.zeros((1, *expected), dtype=np.float32))
     if out.shape != (1, bundle.manifest.embedding.size):
         raise FewShotInputError(
@@ -236,8 +242,11 @@ def _reembed(store: EnrollmentStore, adapter: Adapter, bundle: Bundle) -> None:
             " they cannot be re-embedded, enroll the classes again in a new store"
         )
     shots = store.shots(pixels=True)
-    embeddings = (adapter.embed(normalize(shots.pixels, spec)) if len(shots.ids)
-                  else np.zeros((0, bundle.manifest.embedding.size), dtype=np.float32))
+    embeddings = (
+        adapter.embed(normalize(shots.pixels, spec))
+        if len(shots.ids)
+        else np.zeros((0, bundle.manifest.embedding.size), dtype=np.float32)
+    )
     store.rebind(shots.ids, embeddings)
 
 

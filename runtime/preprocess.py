@@ -25,8 +25,7 @@ ImageLike = str | Path | Image.Image | np.ndarray
 
 # Resampling filters by name. The default, "box" (area averaging), is an antialiased downscale at about a
 # fifth of Lanczos's cost (105 -> 28 px: ~22 vs ~99 us here), which the device's per-image budget needs.
-RESAMPLING = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
-              "lanczos": Image.Resampling.LANCZOS}
+RESAMPLING = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}
 
 
 @dataclass(frozen=True)
@@ -82,9 +81,13 @@ class InputSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:
         return cls(
-            channels=int(d["channels"]), height=int(d["height"]), width=int(d["width"]),
-            mean=tuple(d.get("mean", (0.0,))), std=tuple(d.get("std", (1.0,))),
-            invert=bool(d.get("invert", False)), layout=d.get("layout", "NCHW"),
+            channels=int(d["channels"]),
+            height=int(d["height"]),
+            width=int(d["width"]),
+            mean=tuple(d.get("mean", (0.0,))),
+            std=tuple(d.get("std", (1.0,))),
+            invert=bool(d.get("invert", False)),
+            layout=d.get("layout", "NCHW"),
             resize=d.get("resize", "box"),
         )
 

@@ -69,12 +69,12 @@ def validate_label(label: str) -> str:
 class Shots:
     """Every stored shot, read in one transaction, grouped by class in enrollment order."""
 
-    ids: np.ndarray                  # (S,) int64 shot ids
-    labels: list[str]                # (C,) class labels in enrollment order
-    targets: np.ndarray              # (S,) int64 index into labels
-    embeddings: np.ndarray           # (S, D) float32
-    pixels: np.ndarray | None     # (S, C, H, W) uint8, or None when not asked for
-    version: int                     # the data_version these shots belong to
+    ids: np.ndarray  # (S,) int64 shot ids
+    labels: list[str]  # (C,) class labels in enrollment order
+    targets: np.ndarray  # (S,) int64 index into labels
+    embeddings: np.ndarray  # (S, D) float32
+    pixels: np.ndarray | None  # (S, C, H, W) uint8, or None when not asked for
+    version: int  # the data_version these shots belong to
 
 
 class EnrollmentStore:
@@ -155,8 +155,10 @@ class EnrollmentStore:
 
         def change(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()[0] == version:
-                conn.execute("INSERT OR REPLACE INTO adapter_state (key, data_version, state) VALUES (?, ?, ?)",
-                             (key, version, buffer.getvalue()))
+                conn.execute(
+                    "INSERT OR REPLACE INTO adapter_state (key, data_version, state) VALUES (?, ?, ?)",
+                    (key, version, buffer.getvalue()),
+                )
 
         if not self.needs_reembed:
             self._derived(change)
@@ -188,9 +190,14 @@ class EnrollmentStore:
             ids=np.array([r[0] for r in rows], dtype=np.int64),
             labels=[label for _, label in classes],
             targets=np.array([index[r[1]] for r in rows], dtype=np.int64),
-            embeddings=np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(n, int(dim or 0)).astype(np.float32),
-            pixels=np.frombuffer(b"".join(r[3] for r in rows), dtype=np.uint8).reshape(n, *(pixel_shape or (0, 0, 0))).copy()
-            if pixels else None,
+            embeddings=np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4")
+            .reshape(n, int(dim or 0))
+            .astype(np.float32),
+            pixels=np.frombuffer(b"".join(r[3] for r in rows), dtype=np.uint8)
+            .reshape(n, *(pixel_shape or (0, 0, 0)))
+            .copy()
+            if pixels
+            else None,
             version=version,
         )
 
@@ -204,6 +211,7 @@ class EnrollmentStore:
 
     def remove_shot(self, shot_id: int) -> int:
         """Remove one shot (not a class's last one: remove the class instead). Returns the new data_version."""
+
         def change(conn: sqlite3.Connection) -> None:
             row = conn.execute("SELECT class_id FROM shots WHERE id = ?", (int(shot_id),)).fetchone()
             if row is None:
@@ -211,12 +219,15 @@ class EnrollmentStore:
             if conn.execute("SELECT count(*) FROM shots WHERE class_id = ?", row).fetchone()[0] == 1:
                 raise FewShotInputError(f"shot {shot_id} is the last shot of its class; remove the class instead")
             conn.execute("DELETE FROM shots WHERE id = ?", (int(shot_id),))
+
         return self._write(change)
 
     def remove_class(self, label: str) -> int:
         """Remove a class and its shots. Returns the new data_version."""
+
         def change(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM classes WHERE id = ?", (_class_id(conn, label),))
+
         return self._write(change)
 
     def rename(self, old: str, new: str) -> int:
@@ -229,6 +240,7 @@ class EnrollmentStore:
                 conn.execute("UPDATE classes SET label = ? WHERE id = ?", (new, class_id))
             except sqlite3.IntegrityError:
                 raise FewShotInputError(f"class {new!r} already exists") from None
+
         return self._write(change)
 
     def rebind(self, shot_ids: Sequence[int], embeddings: np.ndarray) -> int:
@@ -248,6 +260,7 @@ class EnrollmentStore:
             )
             self._set_meta(conn, "model_id", self.model_id)
             self._set_meta(conn, "embedding_size", str(embeddings.shape[1]))
+
         version = self._write(change, rebinding=True)
         self.bound_model_id = self.model_id
         return version
@@ -261,7 +274,9 @@ class EnrollmentStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray, hashes: Sequence[str], new_class: bool) -> int:
+    def _add(
+        self, label: str, embeddings: np.ndarray, pixels: np.ndarray, hashes: Sequence[str], new_class: bool
+    ) -> int:
         label = validate_label(label)
         embeddings = _as_embeddings(embeddings)
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
@@ -273,7 +288,10 @@ class EnrollmentStore:
             )
 
         def change(conn: sqlite3.Connection) -> None:
-            for key, value in (("embedding_size", str(embeddings.shape[1])), ("pixel_shape", ",".join(map(str, pixels.shape[1:])))):
+            for key, value in (
+                ("embedding_size", str(embeddings.shape[1])),
+                ("pixel_shape", ",".join(map(str, pixels.shape[1:]))),
+            ):
                 stored = self._meta(conn, key)
                 if stored is None:
                     self._set_meta(conn, key, value)
@@ -288,8 +306,12 @@ class EnrollmentStore:
                 class_id = _class_id(conn, label)
             conn.executemany(
                 "INSERT INTO shots (class_id, embedding, pixels, source_hash) VALUES (?, ?, ?, ?)",
-                ((class_id, e.tobytes(), p.tobytes(), str(h)) for e, p, h in zip(embeddings, pixels, hashes, strict=True)),
+                (
+                    (class_id, e.tobytes(), p.tobytes(), str(h))
+                    for e, p, h in zip(embeddings, pixels, hashes, strict=True)
+                ),
             )
+
         return self._write(change)
 
     def _write(self, change: Callable[[sqlite3.Connection], None], rebinding: bool = False) -> int:
@@ -301,7 +323,9 @@ class EnrollmentStore:
 
         def bumped(conn: sqlite3.Connection) -> int:
             change(conn)
-            return conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'data_version' RETURNING value").fetchall()[0][0]
+            return conn.execute(
+                "UPDATE meta SET value = value + 1 WHERE key = 'data_version' RETURNING value"
+            ).fetchall()[0][0]
 
         return self._derived(bumped)
 
@@ -322,7 +346,9 @@ class EnrollmentStore:
     def _check_binding(self, conn: sqlite3.Connection) -> None:
         bound = self._meta(conn, "model_id")
         if bound != self.bound_model_id:
-            raise FewShotInputError(f"enrollment store {self.name} was re-bound to model {str(bound)[:12]} by another process; open it again")
+            raise FewShotInputError(
+                f"enrollment store {self.name} was re-bound to model {str(bound)[:12]} by another process; open it again"
+            )
 
     @staticmethod
     def _meta(conn: sqlite3.Connection, key: str) -> str | None:
@@ -331,7 +357,10 @@ class EnrollmentStore:
 
     @staticmethod
     def _set_meta(conn: sqlite3.Connection, key: str, value: object) -> None:
-        conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
 
 def _initialise(conn: sqlite3.Connection, model_id: str) -> str:
@@ -344,7 +373,9 @@ def _initialise(conn: sqlite3.Connection, model_id: str) -> str:
                 raise FewShotInputError("the file holds other tables, not an enrollment store")
             for statement in _SCHEMA:
                 conn.execute(statement)
-            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", (("model_id", model_id), ("data_version", 0)))
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)", (("model_id", model_id), ("data_version", 0))
+            )
             version = 1
         elif version > SCHEMA_VERSION:
             raise FewShotInputError(f"schema version {version} is newer than this runtime reads ({SCHEMA_VERSION})")
@@ -363,7 +394,9 @@ def _initialise(conn: sqlite3.Connection, model_id: str) -> str:
 
 
 def _class_id(conn: sqlite3.Connection, label: str) -> int:
-    row = conn.execute("SELECT id FROM classes WHERE label = ?", (label.strip() if isinstance(label, str) else label,)).fetchone()
+    row = conn.execute(
+        "SELECT id FROM classes WHERE label = ?", (label.strip() if isinstance(label, str) else label,)
+    ).fetchone()
     if row is None:
         raise FewShotInputError(f"no class {label!r} enrolled")
     return row[0]

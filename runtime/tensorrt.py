@@ -42,7 +42,9 @@ class Profile:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.opt <= self.max:
-            raise FewShotInputError(f"batch profile needs 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+            raise FewShotInputError(
+                f"batch profile needs 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}"
+            )
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,9 @@ def cached_engine(source: Path, key: EngineKey, cache: Path, build: Builder | No
     serialized = (build or build_engine)(source, key.precision, key.profile)
     cache.mkdir(parents=True, exist_ok=True)
     _write_atomically(path, serialized)
-    _write_atomically(sidecar, (json.dumps({"key": key.to_dict(), "sha256": sha256_file(path)}, indent=2) + "\n").encode("utf-8"))
+    _write_atomically(
+        sidecar, (json.dumps({"key": key.to_dict(), "sha256": sha256_file(path)}, indent=2) + "\n").encode("utf-8")
+    )
     return path, True
 
 
@@ -97,7 +101,11 @@ def engine_matches(path: Path, sidecar: Path, key: EngineKey) -> bool:
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return isinstance(meta, dict) and meta.get("key") == json.loads(json.dumps(key.to_dict())) and meta.get("sha256") == sha256_file(path)
+    return (
+        isinstance(meta, dict)
+        and meta.get("key") == json.loads(json.dumps(key.to_dict()))
+        and meta.get("sha256") == sha256_file(path)
+    )
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -116,8 +124,10 @@ def _modules() -> tuple[Any, Any]:
     try:
         import tensorrt as trt
     except ImportError:
-        raise FewShotInputError("TensorRT engines need the tensorrt Python package (JetPack's python3-libnvinfer, "
-                                "or pip install 'fewshot-edge[tensorrt]')") from None
+        raise FewShotInputError(
+            "TensorRT engines need the tensorrt Python package (JetPack's python3-libnvinfer, "
+            "or pip install 'fewshot-edge[tensorrt]')"
+        ) from None
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
@@ -150,8 +160,15 @@ def engine_key(bundle: Bundle, precision: str, profile: Profile) -> EngineKey:
     return EngineKey(bundle.model_id, version, gpu, capability, precision, profile)
 
 
-def open_engine(bundle: Bundle, precision: str, cache: Path, providers: Sequence[str], threads: int | None = None,
-                film_input: str = "film", profile: Profile = Profile()) -> TensorRTEngine:
+def open_engine(
+    bundle: Bundle,
+    precision: str,
+    cache: Path,
+    providers: Sequence[str],
+    threads: int | None = None,
+    film_input: str = "film",
+    profile: Profile = Profile(),
+) -> TensorRTEngine:
     """The bundle's engine for ``precision`` on this GPU, from the cache or built now (logged)."""
     path, built = cached_engine(engine_source(bundle, precision), engine_key(bundle, precision, profile), cache)
     if built:
@@ -192,13 +209,20 @@ class TensorRTEngine(Engine):
     """A serialized TensorRT engine behind ``Engine``'s interface (``embed``, chunked by the profile's
     max batch). Device buffers are allocated once, for the largest batch."""
 
-    def __init__(self, engine_path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None, film_input: str = "film") -> None:
+    def __init__(
+        self,
+        engine_path: Path,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        threads: int | None = None,
+        film_input: str = "film",
+    ) -> None:
         trt, self._cudart = _modules()
         self.path, self.providers, self.threads = Path(engine_path), list(providers), threads
         self._engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
-            raise FewShotInputError(f"cannot load TensorRT engine {engine_path} (built by another TensorRT or for another GPU?)")
+            raise FewShotInputError(
+                f"cannot load TensorRT engine {engine_path} (built by another TensorRT or for another GPU?)"
+            )
         self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -223,16 +247,25 @@ class TensorRTEngine(Engine):
     def _run(self, batch: np.ndarray, film: np.ndarray | None) -> np.ndarray:
         cudart, copy = self._cudart, self._cudart.cudaMemcpyKind
         feed = {self._input_name: batch, **({self._film_name: film} if film is not None else {})}
-        arrays = {name: np.ascontiguousarray(a, dtype=self._buffers[name][1]) for name, a in feed.items()}  # alive until the sync
+        arrays = {
+            name: np.ascontiguousarray(a, dtype=self._buffers[name][1]) for name, a in feed.items()
+        }  # alive until the sync
         for name, array in arrays.items():
             self._context.set_input_shape(name, array.shape)
-            _cuda(cudart.cudaMemcpyAsync(self._buffers[name][0], array.ctypes.data, array.nbytes,
-                                         copy.cudaMemcpyHostToDevice, self._stream))
+            _cuda(
+                cudart.cudaMemcpyAsync(
+                    self._buffers[name][0], array.ctypes.data, array.nbytes, copy.cudaMemcpyHostToDevice, self._stream
+                )
+            )
         output = self._output_names[0]
         out = np.empty(tuple(self._context.get_tensor_shape(output)), dtype=self._buffers[output][1])
         if not self._context.execute_async_v3(self._stream):
             raise RuntimeError("TensorRT execution failed")
-        _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[output][0], out.nbytes, copy.cudaMemcpyDeviceToHost, self._stream))
+        _cuda(
+            cudart.cudaMemcpyAsync(
+                out.ctypes.data, self._buffers[output][0], out.nbytes, copy.cudaMemcpyDeviceToHost, self._stream
+            )
+        )
         _cuda(cudart.cudaStreamSynchronize(self._stream))
         return out.astype(np.float32, copy=False)
 

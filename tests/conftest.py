@@ -47,7 +47,19 @@ def checkpoint(tmp_path_factory) -> Path:
 
     source = require_data("omniglot/images_background_small1.zip")[0]
     out = tmp_path_factory.mktemp("run")
-    config = TrainConfig(sources=[str(source)], data_options={"rotations": True}, holdout=1, n_way=5, k_shot=1,
-                         q_query=2, episodes=4, val_every=4, val_episodes=5, seed=0, device="cpu", out=str(out))
+    config = TrainConfig(
+        sources=[str(source)],
+        data_options={"rotations": True},
+        holdout=1,
+        n_way=5,
+        k_shot=1,
+        q_query=2,
+        episodes=4,
+        val_every=4,
+        val_episodes=5,
+        seed=0,
+        device="cpu",
+        out=str(out),
+    )
     train(config, progress_bar=False)
     return out / "best.pt"

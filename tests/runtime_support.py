@@ -22,13 +22,21 @@ def linear_encoder(weight: np.ndarray, input_shape: tuple = ("N", 1, 4, 4)) -> b
     """ONNX bytes of Flatten (N, C, H, W) -> MatMul ``weight`` (C*H*W, D)."""
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, list(input_shape))
     y = helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [input_shape[0], weight.shape[1]])
-    nodes = [helper.make_node("Flatten", ["images"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["embeddings"])]
+    nodes = [
+        helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "W"], ["embeddings"]),
+    ]
     return _model(nodes, "linear_encoder", [x], [y], {"W": weight.astype(np.float32)})
 
 
 def _model(nodes: list, name: str, inputs: list, outputs: list, initializers: dict[str, np.ndarray]) -> bytes:
-    graph = helper.make_graph(nodes, name, inputs, outputs,
-                              initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()])
+    graph = helper.make_graph(
+        nodes,
+        name,
+        inputs,
+        outputs,
+        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -42,9 +50,12 @@ def film_encoder(weight: np.ndarray) -> bytes:
     f = helper.make_tensor_value_info("film", TensorProto.FLOAT, [2 * d])
     y = helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["N", d])
     nodes = [
-        helper.make_node("Flatten", ["images"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["z"]),
-        helper.make_node("Slice", ["film", "zero", "d"], ["gamma"]), helper.make_node("Slice", ["film", "d", "two_d"], ["beta"]),
-        helper.make_node("Mul", ["z", "gamma"], ["scaled"]), helper.make_node("Add", ["scaled", "beta"], ["embeddings"]),
+        helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "W"], ["z"]),
+        helper.make_node("Slice", ["film", "zero", "d"], ["gamma"]),
+        helper.make_node("Slice", ["film", "d", "two_d"], ["beta"]),
+        helper.make_node("Mul", ["z", "gamma"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "beta"], ["embeddings"]),
     ]
     ints = {name: np.array([v], dtype=np.int64) for name, v in (("zero", 0), ("d", d), ("two_d", 2 * d))}
     return _model(nodes, "film_encoder", [x, f], [y], {"W": weight.astype(np.float32), **ints})
@@ -57,21 +68,37 @@ def context_graph(a: np.ndarray, b: np.ndarray) -> bytes:
     nodes = [
         helper.make_node("Flatten", ["images"], ["flat"], axis=1),
         helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[0], keepdims=0),
-        helper.make_node("MatMul", ["mean", "A"], ["ma"]), helper.make_node("Add", ["ma", "one"], ["gamma"]),
-        helper.make_node("MatMul", ["mean", "B"], ["beta"]), helper.make_node("Concat", ["gamma", "beta"], ["film"], axis=0),
+        helper.make_node("MatMul", ["mean", "A"], ["ma"]),
+        helper.make_node("Add", ["ma", "one"], ["gamma"]),
+        helper.make_node("MatMul", ["mean", "B"], ["beta"]),
+        helper.make_node("Concat", ["gamma", "beta"], ["film"], axis=0),
     ]
-    return _model(nodes, "context", [x], [y], {"A": a.astype(np.float32), "B": b.astype(np.float32), "one": np.array(1.0, np.float32)})
+    return _model(
+        nodes,
+        "context",
+        [x],
+        [y],
+        {"A": a.astype(np.float32), "B": b.astype(np.float32), "one": np.array(1.0, np.float32)},
+    )
 
 
-def make_film_bundle(path: Path, w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float = 1.0, temperature: float = 1.0) -> Bundle:
+def make_film_bundle(
+    path: Path, w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float = 1.0, temperature: float = 1.0
+) -> Bundle:
     """A bundle with ``film_encoder(w)``, ``context_graph(a, b)`` and the "film" mode as default."""
     identity = [1.0] * w.shape[1] + [0.0] * w.shape[1]
-    modes = {"film": {"film_size": 2 * w.shape[1], "context_input": "images", "film_input": "film", "identity": identity},
-             "prototype": {}}
+    modes = {
+        "film": {"film_size": 2 * w.shape[1], "context_input": "images", "film_input": "film", "identity": identity},
+        "prototype": {},
+    }
     return write_bundle(
-        path, {"encoder.onnx": film_encoder(w), "context.onnx": context_graph(a, b)},
-        input_spec=SPEC, embedding=EmbeddingSpec(w.shape[1], "sqeuclidean", scale),
-        adaptation=Adaptation("film", modes), calibration=Calibration(temperature, OpenSet()), provenance={"method": "test"},
+        path,
+        {"encoder.onnx": film_encoder(w), "context.onnx": context_graph(a, b)},
+        input_spec=SPEC,
+        embedding=EmbeddingSpec(w.shape[1], "sqeuclidean", scale),
+        adaptation=Adaptation("film", modes),
+        calibration=Calibration(temperature, OpenSet()),
+        provenance={"method": "test"},
     )
 
 
@@ -86,15 +113,24 @@ def weight(seed: int = 0, spec: InputSpec = SPEC, dim: int = DIM) -> np.ndarray:
 
 
 def make_bundle(
-    path: Path, w: np.ndarray, spec: InputSpec = SPEC, metric: str = "sqeuclidean", scale: float = 1.0,
-    temperature: float = 1.0, threshold: float | None = None, thresholds_by_shots: dict[int, float] | None = None,
+    path: Path,
+    w: np.ndarray,
+    spec: InputSpec = SPEC,
+    metric: str = "sqeuclidean",
+    scale: float = 1.0,
+    temperature: float = 1.0,
+    threshold: float | None = None,
+    thresholds_by_shots: dict[int, float] | None = None,
     adaptation: Adaptation | None = None,
 ) -> Bundle:
     open_set = OpenSet(threshold=threshold, fitted_on="test", thresholds_by_shots=thresholds_by_shots)
     return write_bundle(
-        path, {"encoder.onnx": linear_encoder(w, ("N", spec.channels, spec.height, spec.width))},
-        input_spec=spec, embedding=EmbeddingSpec(w.shape[1], metric, scale),
-        adaptation=adaptation or Adaptation(), calibration=Calibration(temperature, open_set),
+        path,
+        {"encoder.onnx": linear_encoder(w, ("N", spec.channels, spec.height, spec.width))},
+        input_spec=spec,
+        embedding=EmbeddingSpec(w.shape[1], metric, scale),
+        adaptation=adaptation or Adaptation(),
+        calibration=Calibration(temperature, open_set),
         provenance={"method": "test"},
     )
 
@@ -110,7 +146,7 @@ def embed_by_hand(imgs: list[np.ndarray], w: np.ndarray) -> np.ndarray:
     return (np.stack(imgs).astype(np.float64) / 255.0).reshape(len(imgs), -1) @ w.astype(np.float64)
 
 
-BLOCK_TORCH = '''
+BLOCK_TORCH = """
 import importlib.abc
 import sys
 
@@ -123,7 +159,7 @@ class BlockTorch(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, BlockTorch())
-'''
+"""
 """Python source that makes torch unimportable; prefix it to code run by ``run_python``."""
 
 

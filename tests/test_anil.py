@@ -23,13 +23,15 @@ from fewshot_edge.runtime.finetune import finetune_head, schedule
 from fewshot_edge.train import train
 
 
-def embeddings(seed: int = 0, n_way: int = 5, k_shot: int = 3, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def embeddings(
+    seed: int = 0, n_way: int = 5, k_shot: int = 3, dim: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Support embeddings (n_way * k_shot, dim) around class centres, their labels, and queries."""
     g = torch.Generator().manual_seed(seed)
     centres = 0.3 * torch.randn(n_way, dim, generator=g)  # overlapping classes: the support loss is far from 0
     y = torch.arange(n_way).repeat_interleave(k_shot)
     noise = 0.3 * torch.randn(len(y) + 2 * n_way, dim, generator=g)
-    return centres[y] + noise[: len(y)], y, centres[torch.arange(n_way).repeat(2)] + noise[len(y):]
+    return centres[y] + noise[: len(y)], y, centres[torch.arange(n_way).repeat(2)] + noise[len(y) :]
 
 
 def test_zero_steps_is_protonet_up_to_a_per_query_constant():
@@ -56,7 +58,9 @@ def test_inner_loop_and_second_order_gradients_match_plain_autograd(l2):
         start = prototype_head(prototypes(x, y, 5))
         head = start
         for t in range(3):
-            gw, gb = torch.autograd.grad(inner_loss(head, start, x, y, l2), [head["weight"], head["bias"]], create_graph=True)
+            gw, gb = torch.autograd.grad(
+                inner_loss(head, start, x, y, l2), [head["weight"], head["bias"]], create_graph=True
+            )
             head = {"weight": head["weight"] - lr_w[t] * gw, "bias": head["bias"] - lr_b[t] * gb}
         return F.cross_entropy(q @ head["weight"].T + head["bias"], qy)
 
@@ -100,10 +104,22 @@ def test_schedule_repeats_the_last_trained_step_and_checks_shapes():
 
 
 def test_anil_trains_exports_and_the_runtime_matches_pytorch(omniglot_small1, tmp_path):
-    config = TrainConfig(sources=[str(omniglot_small1)], data_options={"rotations": True}, holdout=1, method="anil",
-                         method_options={"inner_steps": 3, "step_size": 0.005, "per_parameter": True}, n_way=5,
-                         k_shot=1, q_query=3, episodes=8, val_every=8, val_episodes=3, seed=0, device="cpu",
-                         out=str(tmp_path / "run"))
+    config = TrainConfig(
+        sources=[str(omniglot_small1)],
+        data_options={"rotations": True},
+        holdout=1,
+        method="anil",
+        method_options={"inner_steps": 3, "step_size": 0.005, "per_parameter": True},
+        n_way=5,
+        k_shot=1,
+        q_query=3,
+        episodes=8,
+        val_every=8,
+        val_episodes=3,
+        seed=0,
+        device="cpu",
+        out=str(tmp_path / "run"),
+    )
     train(config, progress_bar=False)
     method, _, spec, _ = load_checkpoint(tmp_path / "run" / "last.pt")
     assert not torch.allclose(method.lr_weight, torch.full_like(method.lr_weight, 0.005))  # step sizes were learned

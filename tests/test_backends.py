@@ -23,13 +23,16 @@ ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvid
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
-@pytest.mark.parametrize("providers, tensorrt, chosen, skipped", [
-    (ALL, None, "tensorrt", []),
-    (ALL, "tensorrt is not installed", "tensorrt-ep", ["tensorrt"]),
-    (ALL[1:], "tensorrt is not installed", "cuda", ["tensorrt", "tensorrt-ep"]),
-    (ALL[2:], "tensorrt is not installed", "cpu", ["tensorrt", "tensorrt-ep", "cuda"]),
-    (["AzureExecutionProvider", "CPUExecutionProvider"], "no CUDA", "cpu", ["tensorrt", "tensorrt-ep", "cuda"]),
-])
+@pytest.mark.parametrize(
+    "providers, tensorrt, chosen, skipped",
+    [
+        (ALL, None, "tensorrt", []),
+        (ALL, "tensorrt is not installed", "tensorrt-ep", ["tensorrt"]),
+        (ALL[1:], "tensorrt is not installed", "cuda", ["tensorrt", "tensorrt-ep"]),
+        (ALL[2:], "tensorrt is not installed", "cpu", ["tensorrt", "tensorrt-ep", "cuda"]),
+        (["AzureExecutionProvider", "CPUExecutionProvider"], "no CUDA", "cpu", ["tensorrt", "tensorrt-ep", "cuda"]),
+    ],
+)
 def test_auto_takes_the_first_backend_that_can_run(providers, tensorrt, chosen, skipped):
     selection = select(providers=providers, tensorrt_reason=tensorrt)
     assert selection.backend == chosen and list(selection.skipped) == skipped
@@ -42,7 +45,9 @@ def test_auto_takes_the_first_backend_that_can_run(providers, tensorrt, chosen, 
 def test_backend_provider_lists_keep_only_available_fallbacks():
     assert select(providers=ALL, tensorrt_reason="x").providers == tuple(ALL)
     assert select(providers=["TensorrtExecutionProvider", "CPUExecutionProvider"], tensorrt_reason="x").providers == (
-        "TensorrtExecutionProvider", "CPUExecutionProvider")
+        "TensorrtExecutionProvider",
+        "CPUExecutionProvider",
+    )
     assert select(providers=ALL[1:], tensorrt_reason=None).providers == tuple(ALL[1:])  # the engine's other graphs
     assert select(providers=ALL[2:], tensorrt_reason=None).providers == ("CPUExecutionProvider",)
 
@@ -92,10 +97,19 @@ def test_explicit_providers_bypass_selection_and_exclude_a_backend(tmp_path):
 KEY = EngineKey("m" * 64, "10.3.0", "Orin", "8.7", "fp16", Profile(1, 16, 64))
 
 
-@pytest.mark.parametrize("field, value", [
-    ("model_id", "n" * 64), ("tensorrt_version", "10.4.0"), ("gpu_name", "Orin Nano"), ("compute_capability", "8.6"),
-    ("precision", "int8"), ("profile", Profile(1, 32, 64)), ("profile", Profile(1, 16, 128)), ("profile", Profile(2, 16, 64)),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("model_id", "n" * 64),
+        ("tensorrt_version", "10.4.0"),
+        ("gpu_name", "Orin Nano"),
+        ("compute_capability", "8.6"),
+        ("precision", "int8"),
+        ("profile", Profile(1, 32, 64)),
+        ("profile", Profile(1, 16, 128)),
+        ("profile", Profile(2, 16, 64)),
+    ],
+)
 def test_engine_key_changes_with_each_field(field, value):
     other = EngineKey(**{**KEY.__dict__, field: value})
     assert other.digest() != KEY.digest() and other.file_name != KEY.file_name
@@ -157,17 +171,39 @@ def test_info_lists_backends_precisions_and_the_choice(tmp_path):
 def test_without_tensorrt_build_engine_and_backend_tensorrt_are_one_line_errors(tmp_path):
     make_bundle(tmp_path / "b", weight())
     runner = CliRunner()
-    one_line_exit_2(runner.invoke(main, ["build-engine", str(tmp_path / "b"), "--fp16"]),
-                    "build-engine needs TensorRT on this machine: tensorrt is not installed")
+    one_line_exit_2(
+        runner.invoke(main, ["build-engine", str(tmp_path / "b"), "--fp16"]),
+        "build-engine needs TensorRT on this machine: tensorrt is not installed",
+    )
     args = ["bench", str(tmp_path / "b"), "--quick"]
-    one_line_exit_2(runner.invoke(main, [*args, "--backend", "tensorrt"]), "backend tensorrt cannot run here: tensorrt is not installed")
-    one_line_exit_2(runner.invoke(main, [*args, "--backend", "cpu", "--provider", "CPUExecutionProvider"]),
-                    "give --backend or --provider, not both")
+    one_line_exit_2(
+        runner.invoke(main, [*args, "--backend", "tensorrt"]),
+        "backend tensorrt cannot run here: tensorrt is not installed",
+    )
+    one_line_exit_2(
+        runner.invoke(main, [*args, "--backend", "cpu", "--provider", "CPUExecutionProvider"]),
+        "give --backend or --provider, not both",
+    )
     shot = tmp_path / "shot.png"
     Image.fromarray(np.full((4, 4), 90, np.uint8)).save(shot)
-    one_line_exit_2(runner.invoke(main, ["enroll", "--bundle", str(tmp_path / "b"), "--store", str(tmp_path / "new.db"),
-                                         "--label", "a", "--backend", "tensorrt", str(shot)]),
-                    "backend tensorrt cannot run here")
+    one_line_exit_2(
+        runner.invoke(
+            main,
+            [
+                "enroll",
+                "--bundle",
+                str(tmp_path / "b"),
+                "--store",
+                str(tmp_path / "new.db"),
+                "--label",
+                "a",
+                "--backend",
+                "tensorrt",
+                str(shot),
+            ],
+        ),
+        "backend tensorrt cannot run here",
+    )
     assert not (tmp_path / "new.db").exists()  # the encoder fails before the store is created
 
 
@@ -178,7 +214,9 @@ def test_tensorrt_engine_builds_caches_and_matches_onnxruntime(tmp_path):
     first = runner.invoke(main, ["build-engine", str(tmp_path / "b"), "--max-batch", "8"])
     assert first.exit_code == 0 and "built in" in first.output, first.output
     assert "up to date" in runner.invoke(main, ["build-engine", str(tmp_path / "b"), "--max-batch", "8"]).output
-    with FewShotModel.open(tmp_path / "b", backend="tensorrt") as trt_model, \
-            FewShotModel.open(tmp_path / "b", backend="cpu") as cpu_model:
+    with (
+        FewShotModel.open(tmp_path / "b", backend="tensorrt") as trt_model,
+        FewShotModel.open(tmp_path / "b", backend="cpu") as cpu_model,
+    ):
         x = np.stack(images(3, 20)).astype(np.float32)[:, None] / 255.0
         np.testing.assert_allclose(trt_model.engine.embed(x), cpu_model.engine.embed(x), atol=1e-3)

@@ -43,44 +43,87 @@ def character_files(run_dir: Path, out: Path, n_way: int = 4, k_shot: int = 3) -
 
 
 def train_args(source: Path, out: Path, method: str, *options: str) -> list[object]:
-    return ["train", "--source", source, "--holdout", "1", "--method", method, *options, "--way", "5", "--shot", "1",
-            "--query", "3", "--episodes", "6", "--val-every", "6", "--val-episodes", "3", "--device", "cpu", "--out", out]
+    return [
+        "train",
+        "--source",
+        source,
+        "--holdout",
+        "1",
+        "--method",
+        method,
+        *options,
+        "--way",
+        "5",
+        "--shot",
+        "1",
+        "--query",
+        "3",
+        "--episodes",
+        "6",
+        "--val-every",
+        "6",
+        "--val-episodes",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    ]
 
 
-@pytest.mark.parametrize("method,options,mode", [
-    ("film", ["-O", "task_dim=16", "-O", "film_l2=0.01"], "film"),
-    ("anil", ["--method-option", "inner_steps=2", "-O", "per_parameter=true"], "finetune"),
-])
+@pytest.mark.parametrize(
+    "method,options,mode",
+    [
+        ("film", ["-O", "task_dim=16", "-O", "film_l2=0.01"], "film"),
+        ("anil", ["--method-option", "inner_steps=2", "-O", "per_parameter=true"], "finetune"),
+    ],
+)
 def test_train_export_enroll_predict(omniglot_small1, tmp_path, method, options, mode):
     run(*train_args(omniglot_small1, tmp_path / "run", method, *options))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["method_options"]
     assert {k: saved[k] for k in ("task_dim", "film_l2", "inner_steps", "per_parameter") if k in saved} == (
-        {"task_dim": 16, "film_l2": 0.01} if method == "film" else {"inner_steps": 2, "per_parameter": True})
+        {"task_dim": 16, "film_l2": 0.01} if method == "film" else {"inner_steps": 2, "per_parameter": True}
+    )
     run("export", tmp_path / "run" / "last.pt", "--out", tmp_path / "bundle", "--calibration-episodes", "20")
     shots, queries, labels = character_files(tmp_path / "run", tmp_path / "files")
     store = tmp_path / "device.db"
     run("enroll", "--bundle", tmp_path / "bundle", "--store", store, "--adapt", mode, shots)
     answers = json.loads(run("predict", "--bundle", tmp_path / "bundle", "--store", store, *queries, "--json").output)
     assert len(answers) == 4 and all(a["top_k"][0]["label"] in labels for a in answers)
-    explicit = json.loads(run("predict", "--bundle", tmp_path / "bundle", "--store", store, "--adapt", mode, *queries, "--json").output)
+    explicit = json.loads(
+        run("predict", "--bundle", tmp_path / "bundle", "--store", store, "--adapt", mode, *queries, "--json").output
+    )
     assert explicit == answers  # enroll --adapt made it the store's mode
     if mode == "finetune":
-        more = json.loads(run("predict", "--bundle", tmp_path / "bundle", "--store", store, "--steps", "20", *queries, "--json").output)
+        more = json.loads(
+            run(
+                "predict", "--bundle", tmp_path / "bundle", "--store", store, "--steps", "20", *queries, "--json"
+            ).output
+        )
         assert [a["probability"] for a in more] != [a["probability"] for a in answers]
     else:
         bad = run("predict", "--bundle", tmp_path / "bundle", "--store", store, "--steps", "3", *queries, ok=False)
         assert bad.exit_code == 2 and "adaptation mode 'film' has no option 'steps'" in bad.output
 
 
-@pytest.mark.parametrize("options,message", [
-    (["--method", "anil", "-O", "inner_step=3"], "method 'anil' has no option 'inner_step' (it takes: inner_steps, step_size"),
-    (["--method", "anil", "--metric", "cosine"], "method 'anil' has no option 'metric'"),
-    (["--method", "film", "-O", "task_dim"], "--method-option takes KEY=VALUE, got 'task_dim'"),
-    (["--method", "maml"], "unknown method 'maml'; choose from anil, film, protonet"),
-    (["--method", "film", "-O", "task_dim=wide"], "method 'film' option 'task_dim' takes a whole number, got 'wide'"),
-    (["--method", "anil", "-O", "first_order=1"], "method 'anil' option 'first_order' takes a true/false, got 1"),
-    (["--method", "anil", "-O", "inner_steps=-1"], "inner_steps must be 0 or more, got -1"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (
+            ["--method", "anil", "-O", "inner_step=3"],
+            "method 'anil' has no option 'inner_step' (it takes: inner_steps, step_size",
+        ),
+        (["--method", "anil", "--metric", "cosine"], "method 'anil' has no option 'metric'"),
+        (["--method", "film", "-O", "task_dim"], "--method-option takes KEY=VALUE, got 'task_dim'"),
+        (["--method", "maml"], "unknown method 'maml'; choose from anil, film, protonet"),
+        (
+            ["--method", "film", "-O", "task_dim=wide"],
+            "method 'film' option 'task_dim' takes a whole number, got 'wide'",
+        ),
+        (["--method", "anil", "-O", "first_order=1"], "method 'anil' option 'first_order' takes a true/false, got 1"),
+        (["--method", "anil", "-O", "inner_steps=-1"], "inner_steps must be 0 or more, got -1"),
+    ],
+)
 def test_bad_method_options_are_one_line_exit_2(omniglot_small1, tmp_path, options, message):
     result = run("train", "--source", omniglot_small1, "--holdout", "1", *options, "--out", tmp_path / "o", ok=False)
     assert result.exit_code == 2 and message in result.output

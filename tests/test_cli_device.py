@@ -19,7 +19,11 @@ from fewshot_edge.cli.bench import format_bench, pytorch_figures
 from fewshot_edge.runtime import FewShotInputError, FewShotModel, InputSpec
 from fewshot_edge.runtime.bench import run_benchmark
 
-DARK, LIGHT, MID = images(1, 3, center=30, spread=5), images(2, 2, center=225, spread=5), images(3, 2, center=128, spread=5)
+DARK, LIGHT, MID = (
+    images(1, 3, center=30, spread=5),
+    images(2, 2, center=225, spread=5),
+    images(3, 2, center=128, spread=5),
+)
 
 
 def save(folder: Path, name: str, image: np.ndarray) -> Path:
@@ -45,10 +49,22 @@ def env(tmp_path):
     for i, image in enumerate(LIGHT):
         save(shots / "light", f"{i}.png", image)
     mid = [save(tmp_path / "mid", f"{i}.png", image) for i, image in enumerate(MID)]
-    queries = [save(tmp_path / "queries", name, image) for name, image in
-               (("a_dark.png", images(4, 1, center=35, spread=5)[0]), ("b_light.png", images(5, 1, center=215, spread=5)[0]))]
-    return {"tmp": tmp_path, "bundle": tmp_path / "bundle", "store": tmp_path / "device.db", "shots": shots,
-            "mid": mid, "queries": queries, "opts": ["--bundle", tmp_path / "bundle", "--store", tmp_path / "device.db"]}
+    queries = [
+        save(tmp_path / "queries", name, image)
+        for name, image in (
+            ("a_dark.png", images(4, 1, center=35, spread=5)[0]),
+            ("b_light.png", images(5, 1, center=215, spread=5)[0]),
+        )
+    ]
+    return {
+        "tmp": tmp_path,
+        "bundle": tmp_path / "bundle",
+        "store": tmp_path / "device.db",
+        "shots": shots,
+        "mid": mid,
+        "queries": queries,
+        "opts": ["--bundle", tmp_path / "bundle", "--store", tmp_path / "device.db"],
+    }
 
 
 def classes_of(env) -> list[dict]:
@@ -61,18 +77,25 @@ def test_enroll_predict_classes_round_trip(env):
     assert "enrolled 'dark': 3 shots" in out and "enrolled 'light': 2 shots" in out and "2 classes, 5 shots" in out
     run("enroll", *opts, "--label", "mid", env["mid"][0])
     assert "added 1 to 'mid': 2 shots" in run("enroll", *opts, "--label", "mid", "--add", env["mid"][1]).stdout
-    assert classes_of(env) == [{"label": "dark", "shots": 3}, {"label": "light", "shots": 2}, {"label": "mid", "shots": 2}]
+    assert classes_of(env) == [
+        {"label": "dark", "shots": 3},
+        {"label": "light", "shots": 2},
+        {"label": "mid", "shots": 2},
+    ]
     assert "3 classes, 7 shots" in run("classes", "list", *opts).stdout
 
     predictions = json.loads(run("predict", *opts, env["tmp"] / "queries", "--top-k", "2", "--json").stdout)
     assert [(Path(p["image"]).name, p["label"], p["unknown"]) for p in predictions] == [
-        ("a_dark.png", "dark", False), ("b_light.png", "light", False)]
+        ("a_dark.png", "dark", False),
+        ("b_light.png", "light", False),
+    ]
     for p in predictions:
         assert len(p["top_k"]) == 2 and p["top_k"][0] == {"label": p["label"], "probability": p["probability"]}
         assert 0 < p["probability"] <= 1 and p["distance"] >= 0
     with FewShotModel.open(env["bundle"], store=env["store"]) as model:
-        np.testing.assert_allclose([p["probability"] for p in predictions],
-                                   [p.probability for p in model.predict(env["queries"])], rtol=1e-6)
+        np.testing.assert_allclose(
+            [p["probability"] for p in predictions], [p.probability for p in model.predict(env["queries"])], rtol=1e-6
+        )
     lines = run("predict", *opts, *env["queries"]).stdout.splitlines()
     assert [line.split()[1] for line in lines] == ["dark", "light"] and "p=" in lines[0] and "d=" in lines[0]
 
@@ -132,7 +155,10 @@ BAD_ENROLLMENTS = {
     "add to missing class": (lambda e: ["--label", "mid", "--add", e["mid"][0]], "no class 'mid' enrolled"),
     "file without label": (lambda e: [e["mid"][0]], "is not a folder; give --label"),
     "empty folder": (lambda e: ["--label", "x", (e["tmp"] / "empty").mkdir() or e["tmp"] / "empty"], "no image files"),
-    "bad image in a class folder": (lambda e: [corrupt_png(e["shots"] / "zebra" / "0.png").parent.parent], "not a readable image"),
+    "bad image in a class folder": (
+        lambda e: [corrupt_png(e["shots"] / "zebra" / "0.png").parent.parent],
+        "not a readable image",
+    ),
     "bad label from a folder name": (lambda e: [(e["shots"] / "it's").mkdir() or e["shots"]], "must not contain"),
 }
 
@@ -175,8 +201,11 @@ def test_bad_bundle_is_refused_before_touching_the_store(env, case, command):
 
 
 def test_predict_and_classes_need_an_enrolled_store(env):
-    for args in (["predict", *env["opts"], env["mid"][0]], ["classes", "list", *env["opts"]],
-                 ["classes", "rename", *env["opts"], "a", "b"]):
+    for args in (
+        ["predict", *env["opts"], env["mid"][0]],
+        ["classes", "list", *env["opts"]],
+        ["classes", "rename", *env["opts"], "a", "b"],
+    ):
         result = run(*args, ok=False)
         assert result.exit_code == 2 and "no enrollment store at" in result.stderr
     assert not env["store"].exists()
@@ -184,20 +213,28 @@ def test_predict_and_classes_need_an_enrolled_store(env):
     run("classes", "remove", *env["opts"], "x")
     result = run("predict", *env["opts"], env["mid"][0], ok=False)
     assert result.exit_code == 2 and "no classes enrolled" in result.stderr
-    for args, message in ((["remove", "nope"], "no class 'nope' enrolled"), (["rename", "nope", "b"], "no class 'nope'")):
+    for args, message in (
+        (["remove", "nope"], "no class 'nope' enrolled"),
+        (["rename", "nope", "b"], "no class 'nope'"),
+    ):
         result = run("classes", args[0], *env["opts"], *args[1:], ok=False)
         assert result.exit_code == 2 and message in result.stderr
 
 
-NO_TORCH_CLI = BLOCK_TORCH + """
+NO_TORCH_CLI = (
+    BLOCK_TORCH
+    + """
 from fewshot_edge.cli import main
 
 main(sys.argv[1:], prog_name="fewshot-edge")
 """
+)
 
 
 def cli_without_torch(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", NO_TORCH_CLI, *map(str, args)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH_CLI, *map(str, args)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_device_commands_run_without_torch_and_fail_in_one_line(env):
@@ -246,14 +283,17 @@ def test_demo_draws_enrolls_classifies_and_prints_commands_that_work(env):
     text = run("demo", "--bundle", env["bundle"], "--ways", "3", "--queries", "2", "--out", out).stdout
     assert "new drawings:" in text and "/6 correct" in text and "unseen symbol:" in text and "ms per image" in text
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(
-        [f"shots/symbol-{i}/1.png" for i in (1, 2, 3)] + [f"queries/symbol-{i}-{j}.png" for i in (1, 2, 3) for j in (1, 2)]
-        + ["queries/unseen.png"])
+        [f"shots/symbol-{i}/1.png" for i in (1, 2, 3)]
+        + [f"queries/symbol-{i}-{j}.png" for i in (1, 2, 3) for j in (1, 2)]
+        + ["queries/unseen.png"]
+    )
     commands = [shlex.split(line.strip())[1:] for line in text.splitlines() if line.startswith("  fewshot-edge ")]
     assert [c[0] for c in commands] == ["enroll", "predict", "classes"]
     for command in commands:
         run(*command)
     assert classes_of({"opts": ["--bundle", env["bundle"], "--store", out / "store.db"]}) == [
-        {"label": f"symbol-{i}", "shots": 1} for i in (1, 2, 3)]
+        {"label": f"symbol-{i}", "shots": 1} for i in (1, 2, 3)
+    ]
 
 
 def test_demo_runs_omniglot_episodes(env, omniglot_small1):
@@ -263,11 +303,27 @@ def test_demo_runs_omniglot_episodes(env, omniglot_small1):
 
 def test_example_app_enrolls_and_classifies(env):
     example = Path(__file__).resolve().parents[1] / "examples" / "embed_in_app.py"
-    done = subprocess.run([sys.executable, str(example), "--bundle", str(env["bundle"]), "--enroll", str(env["shots"]),
-                           "--classify", str(env["tmp"] / "queries")], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(example),
+            "--bundle",
+            str(env["bundle"]),
+            "--enroll",
+            str(env["shots"]),
+            "--classify",
+            str(env["tmp"] / "queries"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[:2] == ["enrolled dark from 3 images", "enrolled light from 2 images"]
-    assert [line.split()[:2] for line in done.stdout.splitlines()[2:]] == [["a_dark.png:", "dark"], ["b_light.png:", "light"]]
+    assert [line.split()[:2] for line in done.stdout.splitlines()[2:]] == [
+        ["a_dark.png:", "dark"],
+        ["b_light.png:", "light"],
+    ]
 
 
 def test_default_bundle_is_found_or_named_missing(monkeypatch):

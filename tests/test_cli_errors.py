@@ -36,14 +36,21 @@ def cli(error: str, *args: str, debug_env: str | None = None) -> subprocess.Comp
     env = {k: v for k, v in os.environ.items() if k != "FEWSHOT_EDGE_DEBUG"}
     if debug_env is not None:
         env["FEWSHOT_EDGE_DEBUG"] = debug_env
-    return subprocess.run([sys.executable, "-c", SCRIPT, error, *args], capture_output=True, text=True, env=env,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, error, *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
-@pytest.mark.parametrize("error, line", [
-    ("runtime", "Error: unexpected RuntimeError: something broke (run with --debug or FEWSHOT_EDGE_DEBUG=1 for the traceback)"),
-    ("key", "Error: unexpected KeyError: 'embedding' (run with --debug or FEWSHOT_EDGE_DEBUG=1 for the traceback)"),
-])
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (
+            "runtime",
+            "Error: unexpected RuntimeError: something broke (run with --debug or FEWSHOT_EDGE_DEBUG=1 for the traceback)",
+        ),
+        ("key", "Error: unexpected KeyError: 'embedding' (run with --debug or FEWSHOT_EDGE_DEBUG=1 for the traceback)"),
+    ],
+)
 def test_an_internal_error_is_one_line_exit_1(error, line):
     done = cli(error, "info", "some-bundle")
     assert done.returncode == 1 and done.stdout == ""
@@ -64,12 +71,18 @@ def test_debug_env_var_off_keeps_one_line():
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("error, code, message", [
-    (FewShotInputError("manifest.json: embedding.dim must be positive"), 2,
-     "Error: manifest.json: embedding.dim must be positive"),
-    (FileNotFoundError("bundle not found: nowhere"), 2, "Error: bundle not found: nowhere"),
-    (ValueError("math domain error"), 1, "Error: unexpected ValueError: math domain error"),
-])
+@pytest.mark.parametrize(
+    "error, code, message",
+    [
+        (
+            FewShotInputError("manifest.json: embedding.dim must be positive"),
+            2,
+            "Error: manifest.json: embedding.dim must be positive",
+        ),
+        (FileNotFoundError("bundle not found: nowhere"), 2, "Error: bundle not found: nowhere"),
+        (ValueError("math domain error"), 1, "Error: unexpected ValueError: math domain error"),
+    ],
+)
 def test_only_input_errors_exit_2(monkeypatch, error, code, message):
     def broken(path):
         raise error
@@ -96,7 +109,8 @@ def test_training_side_input_errors_are_fewshot_input_errors(tmp_path):
         TrainConfig.from_dict({"wat": 1})
     with pytest.raises(FewShotInputError, match="unknown data set kind 'mnist'"):
         load_dataset("mnist", [tmp_path])
-    ds = FewShotDataset(np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 1]), ["a/x", "b/y"], ["a", "b"],
-                        InputSpec(1, 4, 4))
+    ds = FewShotDataset(
+        np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 1]), ["a/x", "b/y"], ["a", "b"], InputSpec(1, 4, 4)
+    )
     with pytest.raises(FewShotInputError, match="can hold out 1 to 1 of 2 groups, not 2"):
         split_by_group(ds, 2)

@@ -63,6 +63,7 @@ def _assert_same(a: FewShotDataset, b: FewShotDataset) -> None:
 
 # Omniglot
 
+
 def test_omniglot_small1_shapes_and_polarity(omniglot_small1):
     ds = load_omniglot([omniglot_small1], cache=False)
     assert ds.images.shape == (136 * 20, 1, 28, 28) and ds.images.dtype == np.uint8
@@ -120,6 +121,7 @@ def test_omniglot_background_then_from_cache(omniglot_background, tmp_path):
 
 # Class-per-folder sets
 
+
 def test_folders_miniimagenet_val_subset(miniimagenet_val):
     ds = load_image_folders([miniimagenet_val], max_per_class=5, cache=False)
     assert ds.images.shape == (80, 3, 84, 84) and ds.num_classes == 16
@@ -150,8 +152,10 @@ def test_folders_zip_with_top_folder_and_several_sources(tmp_path):
     _png_tree(tmp_path / "two", {"c": 3}, seed=2)
     folders = load_image_folders([tmp_path / "one", tmp_path / "two"], size=10, cache=False)
     assert folders.classes == ["a", "b", "c"] and len(folders) == 7
-    zips = [_zip_tree(tmp_path / "one", tmp_path / "one.zip", top="shard"),
-            _zip_tree(tmp_path / "two", tmp_path / "two.zip")]
+    zips = [
+        _zip_tree(tmp_path / "one", tmp_path / "one.zip", top="shard"),
+        _zip_tree(tmp_path / "two", tmp_path / "two.zip"),
+    ]
     _assert_same(folders, load_image_folders(zips, size=10, cache=False))
 
     picked = load_image_folders(zips, size=10, class_names=["c", "a"], cache=False)
@@ -176,13 +180,16 @@ def test_folders_duplicate_class_across_sources(tmp_path):
 
 def test_load_dataset_dispatch(tmp_path):
     _png_tree(tmp_path / "set", {"a": 2})
-    _assert_same(load_dataset("folders", tmp_path / "set", size=8, cache=False),
-                 load_image_folders(tmp_path / "set", size=8, cache=False))
+    _assert_same(
+        load_dataset("folders", tmp_path / "set", size=8, cache=False),
+        load_image_folders(tmp_path / "set", size=8, cache=False),
+    )
     with pytest.raises(ValueError, match="known: folders, omniglot"):
         load_dataset("cifar", tmp_path / "set")
 
 
 # Cache
+
 
 def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     files = _png_tree(tmp_path / "set", {"a": 3, "b": 2})
@@ -215,12 +222,14 @@ def test_cache_default_location_and_opt_out(tmp_path):
 
 # Splits
 
+
 def _toy(groups: list[str], per_class: int = 3) -> FewShotDataset:
     n = len(groups) * per_class
     return FewShotDataset(
         images=np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1),
         labels=np.repeat(np.arange(len(groups)), per_class),
-        classes=[f"{g}/c{i}" for i, g in enumerate(groups)], groups=groups,
+        classes=[f"{g}/c{i}" for i, g in enumerate(groups)],
+        groups=groups,
         spec=InputSpec(channels=1, height=1, width=1),
     )
 
@@ -241,8 +250,9 @@ def test_split_by_group_disjoint_and_reproducible():
     np.testing.assert_array_equal(held.labels, np.repeat(np.arange(6), 3))
 
 
-@pytest.mark.parametrize("holdout, match", [(6, "1 to 5"), (0, "1 to 5"), (["Z"], "unknown groups: Z"),
-                                            (list("ABCDEF"), "fewer than all")])
+@pytest.mark.parametrize(
+    "holdout, match", [(6, "1 to 5"), (0, "1 to 5"), (["Z"], "unknown groups: Z"), (list("ABCDEF"), "fewer than all")]
+)
 def test_split_by_group_errors(holdout, match):
     with pytest.raises(ValueError, match=match):
         split_by_group(_toy(list("ABCDEF")), holdout, seed=0)
@@ -257,6 +267,7 @@ def test_split_classes():
 
 
 # Download
+
 
 def test_download_omniglot_from_file_url(tmp_path):
     mirror = tmp_path / "mirror"

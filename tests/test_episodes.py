@@ -16,7 +16,9 @@ def make_dataset(n_classes=12, per_class=(7, 9), size=8, seed=0) -> FewShotDatas
     rng.shuffle(labels)
     images = rng.integers(0, 256, size=(len(labels), 1, size, size), dtype=np.uint8)
     spec = InputSpec(1, size, size, mean=(0.5,), std=(0.25,))
-    return FewShotDataset(images, labels, [f"c{i}" for i in range(n_classes)], [f"g{i}" for i in range(n_classes)], spec)
+    return FewShotDataset(
+        images, labels, [f"c{i}" for i in range(n_classes)], [f"g{i}" for i in range(n_classes)], spec
+    )
 
 
 def test_shapes_labels_and_normalisation():

@@ -158,8 +158,16 @@ def test_open_set_threshold_is_the_known_quantile():
     assert open_set.threshold == pytest.approx(95.05)  # 1 + 0.95 * 99, linear interpolation
     assert (open_set.false_reject, open_set.false_accept) == (pytest.approx(0.05), 0.25)
     small = fit_open_set(np.array([4.0, 1.0, 3.0, 2.0]), np.array([3.0, 3.25, 3.5]), 0.25)
-    assert small.threshold == pytest.approx(3.25) and small.false_reject == 0.25 and small.false_accept == pytest.approx(2 / 3)
-    assert small.thresholds_by_shots is None and small.false_accept_by_shots is None and small.false_reject_by_shots is None
+    assert (
+        small.threshold == pytest.approx(3.25)
+        and small.false_reject == 0.25
+        and small.false_accept == pytest.approx(2 / 3)
+    )
+    assert (
+        small.thresholds_by_shots is None
+        and small.false_accept_by_shots is None
+        and small.false_reject_by_shots is None
+    )
     with pytest.raises(ValueError, match="false-reject rate"):
         fit_open_set(np.ones(3), np.ones(3), 0.0)
 
@@ -170,7 +178,10 @@ def test_open_set_thresholds_by_shots_are_each_counts_known_quantile():
     known = np.array([4.0, 10.0, 1.0, 20.0, 3.0, 30.0, 2.0, 40.0, 50.0])
     unknown = np.array([3.0, 5.0, 3.25, 40.0, 3.5, 41.0, 9.0, 100.0, 39.0])
     open_set = fit_open_set(known, unknown, 0.25, shots=shots)
-    assert open_set.thresholds_by_shots == {1: pytest.approx(3.25), 2: pytest.approx(40.0)}  # 1 + 0.75 * 3; 10 + 0.75 * 40
+    assert open_set.thresholds_by_shots == {
+        1: pytest.approx(3.25),
+        2: pytest.approx(40.0),
+    }  # 1 + 0.75 * 3; 10 + 0.75 * 40
     assert open_set.false_reject_by_shots == {1: 0.25, 2: 0.2} and open_set.false_accept_by_shots == {1: 0.5, 2: 0.6}
     assert open_set.threshold == pytest.approx(30.0)  # pooled: sorted 1 2 3 4 10 20 30 40 50, position 0.75 * 8
     assert (open_set.false_reject, open_set.false_accept) == (pytest.approx(2 / 9), pytest.approx(5 / 9))

@@ -70,12 +70,19 @@ def test_graphs_are_checked_with_the_film_interface(method, graphs):
 
 
 def test_both_graphs_match_pytorch_under_identity_and_random_film(method, graphs, tmp_path):
-    report = check_parity(method, export_draft(method, SPEC, tmp_path), SPEC,
-                          real_pixels=np.random.default_rng(1).integers(0, 256, (20, 1, 28, 28), dtype=np.uint8),
-                          batch_sizes=(1, 7), tolerance=1e-4)
+    report = check_parity(
+        method,
+        export_draft(method, SPEC, tmp_path),
+        SPEC,
+        real_pixels=np.random.default_rng(1).integers(0, 256, (20, 1, 28, 28), dtype=np.uint8),
+        batch_sizes=(1, 7),
+        tolerance=1e-4,
+    )
     assert report.passed and report.max_abs_diff <= 1e-4
     prefixes = ("context on ", "encoder under identity FiLM on ", "encoder under random FiLM on ")
-    assert set(report.checks) == {p + b for p in prefixes for b in ("random batch of 1", "random batch of 7", "20 real images")}
+    assert set(report.checks) == {
+        p + b for p in prefixes for b in ("random batch of 1", "random batch of 7", "20 real images")
+    }
     identity = method.context.identity.numpy()
     assert not np.allclose(ContextEngine(graphs["context"]).run(images(5)), identity, atol=1e-2)
 
@@ -89,17 +96,30 @@ def test_identity_film_encoder_reproduces_the_plain_encoder(method, graphs):
 def test_context_graph_is_invariant_to_support_order(graphs):
     context = ContextEngine(graphs["context"])
     x = images(12)
-    np.testing.assert_allclose(context.run(x[np.random.default_rng(2).permutation(12)]), context.run(x),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        context.run(x[np.random.default_rng(2).permutation(12)]), context.run(x), rtol=0, atol=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
 def film_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("film-run")
-    config = TrainConfig(sources=[str(require_data("omniglot/images_background_small1.zip")[0])],
-                         data_options={"rotations": True}, holdout=1, method="film", method_options={"task_dim": 32},
-                         n_way=5, k_shot=1, q_query=2, episodes=3, val_every=3, val_episodes=3, seed=0, device="cpu",
-                         out=str(out))
+    config = TrainConfig(
+        sources=[str(require_data("omniglot/images_background_small1.zip")[0])],
+        data_options={"rotations": True},
+        holdout=1,
+        method="film",
+        method_options={"task_dim": 32},
+        n_way=5,
+        k_shot=1,
+        q_query=2,
+        episodes=3,
+        val_every=3,
+        val_episodes=3,
+        seed=0,
+        device="cpu",
+        out=str(out),
+    )
     train(config, progress_bar=False)
     return out / "best.pt"
 
@@ -108,7 +128,10 @@ def test_film_bundle_has_both_graphs_roles_and_the_film_mode(film_checkpoint, tm
     export_bundle(film_checkpoint, tmp_path / "bundle", calibration_episodes=20)
     bundle = open_bundle(tmp_path / "bundle")
     manifest = bundle.manifest
-    assert {name: entry.role for name, entry in manifest.files.items()} == {"context.onnx": "context", "encoder.onnx": "encoder"}
+    assert {name: entry.role for name, entry in manifest.files.items()} == {
+        "context.onnx": "context",
+        "encoder.onnx": "encoder",
+    }
     assert bundle.file("context").is_file() and bundle.file("encoder").is_file()
     assert manifest.adaptation.default == "film"
     film = manifest.adaptation.modes["film"]
@@ -121,9 +144,22 @@ def test_film_bundle_has_both_graphs_roles_and_the_film_mode(film_checkpoint, tm
 
 
 def test_runtime_film_predictions_equal_the_pytorch_method(omniglot_small1, tmp_path):
-    config = TrainConfig(sources=[str(omniglot_small1)], data_options={"rotations": True}, holdout=1, method="film",
-                         method_options={"task_dim": 32}, n_way=5, k_shot=1, q_query=2, episodes=3, val_every=3,
-                         val_episodes=3, seed=0, device="cpu", out=str(tmp_path / "run"))
+    config = TrainConfig(
+        sources=[str(omniglot_small1)],
+        data_options={"rotations": True},
+        holdout=1,
+        method="film",
+        method_options={"task_dim": 32},
+        n_way=5,
+        k_shot=1,
+        q_query=2,
+        episodes=3,
+        val_every=3,
+        val_episodes=3,
+        seed=0,
+        device="cpu",
+        out=str(tmp_path / "run"),
+    )
     train(config, progress_bar=False)
     method, config, spec, payload = load_checkpoint(tmp_path / "run" / "last.pt")
     with torch.no_grad():  # a few episodes leave the FiLM near identity: move it, so the context matters
@@ -159,7 +195,7 @@ def test_film_export_checks_and_calibrates_with_the_runtime_engines(film_checkpo
     assert len(context_checks) == len(BATCH_SIZES) + 1  # each random batch and the real images
     # one context run per parity batch, then one per calibration episode pair (its 10 classes' shots)
     assert len(runs) == len(context_checks) + 20
-    assert all(n % 10 == 0 and 10 <= n <= 50 for n in runs[len(context_checks):])
+    assert all(n % 10 == 0 and 10 <= n <= 50 for n in runs[len(context_checks) :])
 
     monkeypatch.setattr(ContextEngine, "run", lambda self, images: run(self, images) + np.float32(1e-3))
     with pytest.raises(ParityError, match=r"max \|onnx - torch\| = .* on context on "):

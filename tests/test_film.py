@@ -41,8 +41,9 @@ def test_identity_film_at_init_gives_protonet_logits(metric):
     film, proto = FiLMProtoNet(backbone, metric=metric).eval(), ProtoNet(backbone, metric=metric).eval()
     ep = episode(5, 2)
     args = (ep.support, ep.support_labels, ep.query, ep.n_way)
-    assert all(torch.equal(g, torch.ones_like(g)) and torch.equal(b, torch.zeros_like(b))
-               for g, b in film.context(ep.support))
+    assert all(
+        torch.equal(g, torch.ones_like(g)) and torch.equal(b, torch.zeros_like(b)) for g, b in film.context(ep.support)
+    )
     assert torch.equal(film.logits(*args), proto.logits(*args))
 
 
@@ -57,12 +58,12 @@ def test_context_is_invariant_to_support_order(training):
     support = episode(4, 3).support
     perm = torch.randperm(len(support))
     with torch.no_grad():
-        torch.testing.assert_close(method.context.flat(support[perm]), method.context.flat(support),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(method.context.flat(support[perm]), method.context.flat(support), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,channels,size,widths", [("conv4", 1, 28, [64] * 4),
-                                                       ("resnet12", 3, 16, [64, 160, 320, 640])])
+@pytest.mark.parametrize(
+    "name,channels,size,widths", [("conv4", 1, 28, [64] * 4), ("resnet12", 3, 16, [64, 160, 320, 640])]
+)
 def test_film_shapes_per_block_and_export_info(name, channels, size, widths):
     method = create_method("film", create_backbone(name, channels, size), task_dim=32).eval()
     ep = episode(3, 2, channels=channels, size=size)
@@ -167,9 +168,22 @@ def test_a_config_with_the_old_film_init_from_option_loads():
 
 
 def test_short_training_run_end_to_end(omniglot_small1, tmp_path):
-    config = TrainConfig(sources=[str(omniglot_small1)], data_options={"rotations": True}, holdout=1,
-                         method="film", method_options={"task_dim": 32}, n_way=10, k_shot=2, q_query=2,
-                         episodes=4, val_every=2, val_episodes=3, seed=0, device="cpu", out=str(tmp_path / "run"))
+    config = TrainConfig(
+        sources=[str(omniglot_small1)],
+        data_options={"rotations": True},
+        holdout=1,
+        method="film",
+        method_options={"task_dim": 32},
+        n_way=10,
+        k_shot=2,
+        q_query=2,
+        episodes=4,
+        val_every=2,
+        val_episodes=3,
+        seed=0,
+        device="cpu",
+        out=str(tmp_path / "run"),
+    )
     metrics = train(config, progress_bar=False)
     assert metrics["episodes"] == 4 and [h["episode"] for h in metrics["history"]] == [2, 4]
     method, _, _, _ = load_checkpoint(tmp_path / "run" / "last.pt")

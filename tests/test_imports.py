@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"fewshot_edge": ROOT / "fewshot_edge", "fewshot_edge.export": ROOT / "export",
-            "fewshot_edge.runtime": ROOT / "runtime"}
+PACKAGES = {
+    "fewshot_edge": ROOT / "fewshot_edge",
+    "fewshot_edge.export": ROOT / "export",
+    "fewshot_edge.runtime": ROOT / "runtime",
+}
 
 
 def modules() -> dict[str, Path]:
@@ -45,7 +48,9 @@ def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *([base] if base else [])])
+                base = ".".join(
+                    [*package.split(".")[: len(package.split(".")) - node.level + 1], *([base] if base else [])]
+                )
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
         else:
             continue
@@ -62,7 +67,7 @@ def test_no_import_cycle_even_through_lazy_imports():
         state[name] = 1
         for target in sorted(graph[name]):
             if state.get(target) == 1:
-                cycle = path[path.index(target):] + [target]
+                cycle = path[path.index(target) :] + [target]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target, [*path, target])

@@ -33,13 +33,14 @@ def test_cosine_protonet_logits_use_the_learnable_scale():
     with torch.no_grad():
         net.scale.fill_(4.0)
     logits = net.logits(support, torch.tensor([0, 1]), query, n_way=2)
-    expected = 4.0 / 2 ** 0.5
+    expected = 4.0 / 2**0.5
     torch.testing.assert_close(logits, torch.tensor([[expected, expected]]))
     assert net.export_info()["scale"] == 4.0
 
 
 def test_loss_is_cross_entropy_of_the_logits():
     from fewshot_edge.episodes import Episode
+
     support = torch.tensor([[0.0], [4.0]])
     query = torch.tensor([[1.0]])
     ep = Episode(support, torch.tensor([0, 1]), query, torch.tensor([0]), 2, torch.tensor([0, 1]), torch.zeros(2, 2))
@@ -49,8 +50,10 @@ def test_loss_is_cross_entropy_of_the_logits():
     assert acc.item() == 1.0
 
 
-@pytest.mark.parametrize("name,channels,size,dim", [("conv4", 1, 28, 64), ("conv4", 3, 84, 1600),
-                                                    ("resnet12", 3, 84, 640), ("resnet12", 1, 28, 640)])
+@pytest.mark.parametrize(
+    "name,channels,size,dim",
+    [("conv4", 1, 28, 64), ("conv4", 3, 84, 1600), ("resnet12", 3, 84, 640), ("resnet12", 1, 28, 640)],
+)
 def test_backbone_output_dims(name, channels, size, dim):
     net = create_backbone(name, channels, size).eval()
     assert net(torch.zeros(2, channels, size, size)).shape == (2, dim)

@@ -43,9 +43,33 @@ def test_a_registered_method_trains_from_the_cli_and_is_listed_with_its_options(
     assert "[protonet|anil|film|toy]" in helped.output
     assert "Toy: ProtoNet logits divided by a fixed temperature." in helped.output
     assert "temperature=2.0  what the logits are divided by" in helped.output
-    args = ["train", "--source", omniglot_small1, "--holdout", "1", "--method", "toy", "-O", "temperature=4",
-            "--way", "5", "--shot", "1", "--query", "2", "--episodes", "2", "--val-every", "2", "--val-episodes", "2",
-            "--device", "cpu", "--out", tmp_path / "run"]
+    args = [
+        "train",
+        "--source",
+        omniglot_small1,
+        "--holdout",
+        "1",
+        "--method",
+        "toy",
+        "-O",
+        "temperature=4",
+        "--way",
+        "5",
+        "--shot",
+        "1",
+        "--query",
+        "2",
+        "--episodes",
+        "2",
+        "--val-every",
+        "2",
+        "--val-episodes",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "run",
+    ]
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     method, config, _, _ = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -65,7 +89,9 @@ def test_a_registered_backbone_is_a_choice(tmp_path):
     finally:
         del BACKBONES["tiny"]
     result = CliRunner().invoke(main, ["train", "--source", str(tmp_path), "--backbone", "tiny"])
-    assert result.exit_code == 2 and result.output.strip() == "Error: unknown backbone 'tiny'; choose from conv4, resnet12"
+    assert (
+        result.exit_code == 2 and result.output.strip() == "Error: unknown backbone 'tiny'; choose from conv4, resnet12"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -79,6 +105,12 @@ def test_declared_options_are_the_constructors_keywords_with_their_defaults():
     from fewshot_edge.methods import ANIL
 
     declared = {o.name: o.default for o in ANIL.declared_options()}
-    assert declared == {"inner_steps": 5, "step_size": 0.001, "per_parameter": False, "first_order": False,
-                        "inner_l2": 0.0, "learn_step_sizes": True}
+    assert declared == {
+        "inner_steps": 5,
+        "step_size": 0.001,
+        "per_parameter": False,
+        "first_order": False,
+        "inner_l2": 0.0,
+        "learn_step_sizes": True,
+    }
     assert torch.is_tensor(ANIL(BACKBONES["conv4"](1, 28), **declared).lr_weight)

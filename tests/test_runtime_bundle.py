@@ -42,11 +42,14 @@ def edit_manifest(path: Path, edit) -> None:
 def test_write_then_open_round_trips_every_field(tmp_path):
     encoder = linear_encoder(weight())
     written = write_bundle(
-        tmp_path / "b", {"encoder.onnx": encoder, "notes.txt": b"hello"},
+        tmp_path / "b",
+        {"encoder.onnx": encoder, "notes.txt": b"hello"},
         input_spec=InputSpec(1, 4, 4, mean=(0.5,), std=(0.25,), invert=True),
         embedding=EmbeddingSpec(3, "cosine", 10.0),
         adaptation=Adaptation("prototype", {"prototype": {}, "finetune": {"steps": 5, "lr": 0.1}}),
-        calibration=Calibration(2.0, OpenSet(threshold=0.7, target_false_reject=0.05, false_accept=0.1, false_reject=0.05, fitted_on="val")),
+        calibration=Calibration(
+            2.0, OpenSet(threshold=0.7, target_false_reject=0.05, false_accept=0.1, false_reject=0.05, fitted_on="val")
+        ),
         provenance={"method": "protonet", "val_accuracy": [0.98, 0.002]},
         roles={"notes.txt": "readme"},
     )
@@ -68,14 +71,33 @@ def test_write_then_open_round_trips_every_field(tmp_path):
 
     raw = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert raw["format"] == "fewshot-edge-bundle" and raw["format_version"] == 1
-    assert set(raw) == {"format", "format_version", "model_id", "files", "input", "embedding", "adaptation", "calibration", "provenance"}
+    assert set(raw) == {
+        "format",
+        "format_version",
+        "model_id",
+        "files",
+        "input",
+        "embedding",
+        "adaptation",
+        "calibration",
+        "provenance",
+    }
 
 
 def test_thresholds_by_shots_round_trip_with_string_keys(tmp_path):
-    open_set = OpenSet(threshold=0.7, thresholds_by_shots={3: 0.6, 1: 0.9, 2: 0.8}, false_accept_by_shots={1: 0.2, 2: 0.1, 3: 0.05},
-                       false_reject_by_shots={1: 0.05, 2: 0.05, 3: 0.04})
-    written = write_bundle(tmp_path / "b", {"encoder.onnx": linear_encoder(weight())}, input_spec=SPEC, embedding=EmbeddingSpec(3),
-                           calibration=Calibration(1.5, open_set))
+    open_set = OpenSet(
+        threshold=0.7,
+        thresholds_by_shots={3: 0.6, 1: 0.9, 2: 0.8},
+        false_accept_by_shots={1: 0.2, 2: 0.1, 3: 0.05},
+        false_reject_by_shots={1: 0.05, 2: 0.05, 3: 0.04},
+    )
+    written = write_bundle(
+        tmp_path / "b",
+        {"encoder.onnx": linear_encoder(weight())},
+        input_spec=SPEC,
+        embedding=EmbeddingSpec(3),
+        calibration=Calibration(1.5, open_set),
+    )
     raw = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert raw == written.manifest.to_dict()
     assert raw["calibration"]["open_set"]["thresholds_by_shots"] == {"1": 0.9, "2": 0.8, "3": 0.6}
@@ -97,8 +119,14 @@ def test_threshold_for_a_shot_count_without_its_own_is_the_pooled_one():
 
 def test_an_old_manifest_with_a_single_threshold_opens(tmp_path):
     make_bundle(tmp_path / "b", weight(), threshold=0.5)
-    old = {"threshold": 0.5, "statistic": "nearest_distance", "target_false_reject": 0.05, "false_accept": 0.1,
-           "false_reject": 0.05, "fitted_on": "val"}
+    old = {
+        "threshold": 0.5,
+        "statistic": "nearest_distance",
+        "target_false_reject": 0.05,
+        "false_accept": 0.1,
+        "false_reject": 0.05,
+        "fitted_on": "val",
+    }
     edit_manifest(tmp_path / "b", lambda m: m["calibration"].update(open_set=old))
     open_set = open_bundle(tmp_path / "b").manifest.calibration.open_set
     assert open_set == OpenSet(**old) and open_set.thresholds_by_shots is None
@@ -117,8 +145,13 @@ def test_existing_folder_needs_overwrite_and_is_replaced_whole(tmp_path):
     first = make_bundle(tmp_path / "b", weight(0))
     with pytest.raises(FewShotInputError, match="already exists"):
         make_bundle(tmp_path / "b", weight(1))
-    second = write_bundle(tmp_path / "b", {"encoder.onnx": linear_encoder(weight(1))}, input_spec=SPEC,
-                          embedding=EmbeddingSpec(3), overwrite=True)
+    second = write_bundle(
+        tmp_path / "b",
+        {"encoder.onnx": linear_encoder(weight(1))},
+        input_spec=SPEC,
+        embedding=EmbeddingSpec(3),
+        overwrite=True,
+    )
     assert second.model_id != first.model_id
     assert open_bundle(tmp_path / "b").model_id == second.model_id
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
@@ -126,16 +159,23 @@ def test_existing_folder_needs_overwrite_and_is_replaced_whole(tmp_path):
 
 def test_failed_write_leaves_no_bundle(tmp_path):
     with pytest.raises(FileNotFoundError):
-        write_bundle(tmp_path / "b", {"encoder.onnx": linear_encoder(weight()), "context.onnx": tmp_path / "missing.onnx"},
-                     input_spec=SPEC, embedding=EmbeddingSpec(3))
+        write_bundle(
+            tmp_path / "b",
+            {"encoder.onnx": linear_encoder(weight()), "context.onnx": tmp_path / "missing.onnx"},
+            input_spec=SPEC,
+            embedding=EmbeddingSpec(3),
+        )
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("files, reason", [
-    ({"weights.onnx": b"x"}, "role 'encoder'"),
-    ({"encoder.onnx": b"x", "manifest.json": b"{}"}, "plain file name"),
-    ({"../encoder.onnx": b"x"}, "plain file name"),
-])
+@pytest.mark.parametrize(
+    "files, reason",
+    [
+        ({"weights.onnx": b"x"}, "role 'encoder'"),
+        ({"encoder.onnx": b"x", "manifest.json": b"{}"}, "plain file name"),
+        ({"../encoder.onnx": b"x"}, "plain file name"),
+    ],
+)
 def test_write_refuses_bad_file_sets(tmp_path, files, reason):
     with pytest.raises(FewShotInputError, match=reason):
         write_bundle(tmp_path / "b", files, input_spec=SPEC, embedding=EmbeddingSpec(3))
@@ -180,11 +220,17 @@ def test_missing_or_invalid_manifest_is_refused(tmp_path):
     refused(tmp_path, "JSON object")
 
 
-@pytest.mark.parametrize("path, key", [
-    (("embedding",), "embedding.size"), (("embedding", "size"), "embedding.size"), (("input", "height"), "input.height"),
-    (("files", "encoder.onnx", "sha256"), "files.encoder.onnx.sha256"), (("adaptation", "modes"), "adaptation.modes"),
-    (("model_id",), "model_id"),
-])
+@pytest.mark.parametrize(
+    "path, key",
+    [
+        (("embedding",), "embedding.size"),
+        (("embedding", "size"), "embedding.size"),
+        (("input", "height"), "input.height"),
+        (("files", "encoder.onnx", "sha256"), "files.encoder.onnx.sha256"),
+        (("adaptation", "modes"), "adaptation.modes"),
+        (("model_id",), "model_id"),
+    ],
+)
 def test_missing_keys_are_named(tmp_path, path, key):
     make_bundle(tmp_path / "b", weight())
 
@@ -192,21 +238,28 @@ def test_missing_keys_are_named(tmp_path, path, key):
         for part in path[:-1]:
             manifest = manifest[part]
         del manifest[path[-1]]
+
     edit_manifest(tmp_path / "b", drop)
     refused(tmp_path / "b", f"misses key '{key}'")
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    (lambda m: m["embedding"].update(metric="manhattan"), "metric"),
-    (lambda m: m["calibration"].update(temperature=0), "temperature"),
-    (lambda m: m["calibration"]["open_set"].update(statistic="mahalanobis"), "mahalanobis"),
-    (lambda m: m["adaptation"].update(default="film"), "film"),
-    (lambda m: m.update(input="RGB"), "input"),
-    (lambda m: m["input"].update(layout="NHWC"), "input layout must be NCHW (the only one the runtime feeds), got 'NHWC'"),
-    (lambda m: m["embedding"].update(size="big"), "invalid field"),
-    (lambda m: m["calibration"]["open_set"].update(thresholds_by_shots={"one": 1.0}), "invalid field"),
-    (lambda m: m["calibration"]["open_set"].update(thresholds_by_shots={"0": 1.0}), "shot counts >= 1"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda m: m["embedding"].update(metric="manhattan"), "metric"),
+        (lambda m: m["calibration"].update(temperature=0), "temperature"),
+        (lambda m: m["calibration"]["open_set"].update(statistic="mahalanobis"), "mahalanobis"),
+        (lambda m: m["adaptation"].update(default="film"), "film"),
+        (lambda m: m.update(input="RGB"), "input"),
+        (
+            lambda m: m["input"].update(layout="NHWC"),
+            "input layout must be NCHW (the only one the runtime feeds), got 'NHWC'",
+        ),
+        (lambda m: m["embedding"].update(size="big"), "invalid field"),
+        (lambda m: m["calibration"]["open_set"].update(thresholds_by_shots={"one": 1.0}), "invalid field"),
+        (lambda m: m["calibration"]["open_set"].update(thresholds_by_shots={"0": 1.0}), "shot counts >= 1"),
+    ],
+)
 def test_invalid_fields_are_refused(tmp_path, edit, fragment):
     make_bundle(tmp_path / "b", weight())
     edit_manifest(tmp_path / "b", edit)

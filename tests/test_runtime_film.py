@@ -135,11 +135,14 @@ def test_film_encoder_without_film_is_a_clear_error(tmp_path, bundle, params):
         Engine(tmp_path / "encoder.onnx", film_input="gamma")
 
 
-@pytest.mark.parametrize("film_size,identity,message", [
-    (2 * DIM + 1, None, f"records film_size {2 * DIM + 1}, but its identity FiLM has {2 * DIM} values"),
-    (2 * DIM + 2, [1.0] * (DIM + 1) + [0.0] * (DIM + 1), f"but its encoder's film input has {2 * DIM} values"),
-    (None, None, "records film_size None"),
-])
+@pytest.mark.parametrize(
+    "film_size,identity,message",
+    [
+        (2 * DIM + 1, None, f"records film_size {2 * DIM + 1}, but its identity FiLM has {2 * DIM} values"),
+        (2 * DIM + 2, [1.0] * (DIM + 1) + [0.0] * (DIM + 1), f"but its encoder's film input has {2 * DIM} values"),
+        (None, None, "records film_size None"),
+    ],
+)
 def test_a_film_size_the_graphs_do_not_have_is_refused(tmp_path, params, film_size, identity, message):
     bundle = make_film_bundle(tmp_path / "bundle", *params)
     manifest = json.loads((bundle.path / "manifest.json").read_text())
@@ -156,7 +159,9 @@ def test_film_mode_on_a_plain_encoder_is_refused(tmp_path, params):
     manifest = json.loads((plain / "manifest.json").read_text())
     manifest["adaptation"]["modes"]["film"] = {"film_size": 2 * DIM, "identity": [1.0] * DIM + [0.0] * DIM}
     (plain / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(FewShotInputError, match="adaptation mode 'film' needs a FiLM encoder; encoder.onnx takes no film input"):
+    with pytest.raises(
+        FewShotInputError, match="adaptation mode 'film' needs a FiLM encoder; encoder.onnx takes no film input"
+    ):
         FewShotModel.open(plain, adapt="film")
 
 
@@ -168,7 +173,9 @@ def test_predicting_with_no_classes_is_an_error(bundle):
         assert runs == []
 
 
-NO_TORCH = BLOCK_TORCH + """
+NO_TORCH = (
+    BLOCK_TORCH
+    + """
 import numpy as np
 from fewshot_edge.runtime import FewShotModel
 
@@ -178,6 +185,7 @@ with FewShotModel.open(sys.argv[1], store=sys.argv[2], adapt="film") as m:
     print(m.predict([np.full((4, 4), 210, np.uint8)])[0].label)
 assert "torch" not in sys.modules
 """
+)
 
 
 def test_film_runs_without_torch(tmp_path, bundle):

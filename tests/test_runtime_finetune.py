@@ -13,8 +13,14 @@ from fewshot_edge.runtime import adapters as adapters_module
 
 CAT, DOG = images(1, 3, center=60), images(2, 2, center=190)
 QUERIES = images(4, 2, center=70) + images(5, 2, center=180)
-FINETUNE = {"init": "prototype", "steps": 2, "lr_weight": [[0.3], [0.1]], "lr_bias": [0.2, 0.05], "l2": 0.5,
-            "temperature": 2.0}
+FINETUNE = {
+    "init": "prototype",
+    "steps": 2,
+    "lr_weight": [[0.3], [0.1]],
+    "lr_bias": [0.2, 0.05],
+    "l2": 0.5,
+    "temperature": 2.0,
+}
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -24,17 +30,23 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 @pytest.fixture
 def bundle(tmp_path):
-    return make_bundle(tmp_path / "bundle", weight(0), temperature=1.5,
-                       adaptation=Adaptation("prototype", {"prototype": {}, "finetune": FINETUNE})).path
+    return make_bundle(
+        tmp_path / "bundle",
+        weight(0),
+        temperature=1.5,
+        adaptation=Adaptation("prototype", {"prototype": {}, "finetune": FINETUNE}),
+    ).path
 
 
-def head_by_hand(classes: list[list[np.ndarray]], lrs_w: list[float], lrs_b: list[float], l2: float) -> tuple[np.ndarray, np.ndarray]:
+def head_by_hand(
+    classes: list[list[np.ndarray]], lrs_w: list[float], lrs_b: list[float], l2: float
+) -> tuple[np.ndarray, np.ndarray]:
     """The fine-tuned head written out step by step: W0 = 2c, b0 = -|c|^2, then gradient steps of the
     cross-entropy summed over the shots, times classes / shots, plus l2/2 |head - start|^2."""
     x = np.concatenate([embed_by_hand(c, weight(0)) for c in classes])
     y = np.concatenate([np.full(len(c), i) for i, c in enumerate(classes)])
     c = np.stack([embed_by_hand(k, weight(0)).mean(0) for k in classes])
-    w0, b0 = 2 * c, -(c ** 2).sum(1)
+    w0, b0 = 2 * c, -(c**2).sum(1)
     w, b = w0, b0
     for lr_w, lr_b in zip(lrs_w, lrs_b, strict=True):
         residual = softmax(x @ w.T + b)
@@ -103,14 +115,17 @@ def test_store_remembers_its_mode_and_bad_options_are_errors(bundle, tmp_path):
     ):
         with pytest.raises(FewShotInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
             FewShotModel.open(bundle, adapt=adapt, adapt_options=options)
-    zero_init = make_bundle(tmp_path / "zero", weight(0),
-                            adaptation=Adaptation("finetune", {"finetune": {**FINETUNE, "init": "zero"}})).path
+    zero_init = make_bundle(
+        tmp_path / "zero", weight(0), adaptation=Adaptation("finetune", {"finetune": {**FINETUNE, "init": "zero"}})
+    ).path
     with pytest.raises(FewShotInputError, match="fine-tune head init 'zero' is not supported"):
         FewShotModel.open(zero_init)
 
 
 def test_finetune_works_without_torch(bundle, tmp_path):
-    code = BLOCK_TORCH + """
+    code = (
+        BLOCK_TORCH
+        + """
 import sys
 import numpy as np
 from fewshot_edge.runtime import FewShotModel
@@ -120,4 +135,5 @@ with FewShotModel.open(sys.argv[1], store=sys.argv[2], adapt="finetune") as mode
     model.enroll("light", [np.full((4, 4), 210, np.uint8) + rng.integers(0, 9, (4, 4), dtype=np.uint8) for _ in range(3)])
     print(model.predict([np.full((4, 4), 45, np.uint8)])[0].label, "torch" in sys.modules and sys.modules["torch"] is not None)
 """
+    )
     assert run_python(code, str(bundle), str(tmp_path / "s.db")).split() == ["dark", "False"]

@@ -35,7 +35,9 @@ def by_hand(w, classes, queries, metric="sqeuclidean", scale=1.0, temperature=1.
     prototypes = np.stack([embed_by_hand(c, w).mean(0) for c in classes])
     q = embed_by_hand(queries, w)
     if metric == "cosine":
-        cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (prototypes / np.linalg.norm(prototypes, axis=1, keepdims=True)).T
+        cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
+            prototypes / np.linalg.norm(prototypes, axis=1, keepdims=True)
+        ).T
         d, logits = 1 - cos, scale * cos
     else:
         d = ((q[:, None, :] - prototypes[None]) ** 2).sum(-1)
@@ -55,7 +57,9 @@ def model(tmp_path, w):
         yield m
 
 
-@pytest.mark.parametrize("metric, scale, temperature", [("sqeuclidean", 1.0, 1.0), ("sqeuclidean", 2.0, 0.5), ("cosine", 10.0, 2.0)])
+@pytest.mark.parametrize(
+    "metric, scale, temperature", [("sqeuclidean", 1.0, 1.0), ("sqeuclidean", 2.0, 0.5), ("cosine", 10.0, 2.0)]
+)
 def test_probabilities_and_distances_match_numpy(tmp_path, w, metric, scale, temperature):
     make_bundle(tmp_path / "b", w, metric=metric, scale=scale, temperature=temperature)
     with FewShotModel.open(tmp_path / "b") as m:
@@ -86,7 +90,11 @@ def test_unknown_beyond_the_calibrated_threshold(tmp_path, w):
     assert all(p.top_k[0][0] in ("cat", "dog") for p in predictions)
 
 
-ONE, THREE, NINE = images(6, 1, center=40, spread=5), images(7, 3, center=130, spread=5), images(8, 9, center=220, spread=5)
+ONE, THREE, NINE = (
+    images(6, 1, center=40, spread=5),
+    images(7, 3, center=130, spread=5),
+    images(8, 9, center=220, spread=5),
+)
 NEAR = images(9, 1, center=45, spread=5) + images(10, 1, center=125, spread=5) + images(11, 1, center=215, spread=5)
 
 
@@ -128,7 +136,10 @@ def test_an_old_manifest_single_threshold_applies_to_every_shot_count(tmp_path, 
 
 def test_no_threshold_never_answers_unknown(model):
     model.enroll("cat", CAT)
-    assert [p.label for p in model.predict([np.zeros((4, 4), np.uint8), np.full((4, 4), 255, np.uint8)])] == ["cat", "cat"]
+    assert [p.label for p in model.predict([np.zeros((4, 4), np.uint8), np.full((4, 4), 255, np.uint8)])] == [
+        "cat",
+        "cat",
+    ]
 
 
 def test_top_k_is_ordered_and_clamped(model):
@@ -159,7 +170,9 @@ def test_incremental_updates_match_a_fresh_fit(tmp_path, w, model):
     model.predict(QUERIES)
     model.add_shots("cat", CAT[2:])
     model.enroll("dog", DOG)
-    np.testing.assert_allclose(model.adapter.prototypes, np.stack([embed_by_hand(c, w).mean(0) for c in (CAT, DOG)]), rtol=1e-5)
+    np.testing.assert_allclose(
+        model.adapter.prototypes, np.stack([embed_by_hand(c, w).mean(0) for c in (CAT, DOG)]), rtol=1e-5
+    )
     with FewShotModel.open(tmp_path / "bundle", store=tmp_path / "device.db") as fresh:
         np.testing.assert_allclose(model.predict_proba(QUERIES), fresh.predict_proba(QUERIES), rtol=1e-5)
 
@@ -177,8 +190,13 @@ def test_remove_and_rename_change_predictions(model):
 def test_bad_input_is_refused_and_stores_nothing(model):
     with pytest.raises(FewShotInputError, match="no classes enrolled"):
         model.predict(QUERIES)
-    for images_, reason in [([np.full((4, 4), np.nan)], "NaN"), ([np.zeros(16, np.uint8)], "shape"),
-                            ([np.zeros((2, 4, 4, 5), np.uint8)], "shape"), ([], "no images"), (["missing.png"], "not found")]:
+    for images_, reason in [
+        ([np.full((4, 4), np.nan)], "NaN"),
+        ([np.zeros(16, np.uint8)], "shape"),
+        ([np.zeros((2, 4, 4, 5), np.uint8)], "shape"),
+        ([], "no images"),
+        (["missing.png"], "not found"),
+    ]:
         with pytest.raises(FewShotInputError, match=reason):
             model.enroll("cat", images_)
     with pytest.raises(FewShotInputError, match="reserved"):
@@ -219,7 +237,9 @@ def test_model_update_reembeds_stored_shots(tmp_path, w, model):
     with FewShotModel.open(tmp_path / "bundle2", store=tmp_path / "device.db", reembed=True) as updated:
         assert updated.classes() == [("cat", 4), ("dog", 3)]
         np.testing.assert_allclose(updated.store.shots().embeddings, embed_by_hand(CAT + DOG, w2), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(updated.predict_proba(QUERIES), by_hand(w2, [CAT, DOG], QUERIES)[0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            updated.predict_proba(QUERIES), by_hand(w2, [CAT, DOG], QUERIES)[0], rtol=1e-4, atol=1e-6
+        )
     with pytest.raises(FewShotInputError, match="reembed=True"):
         FewShotModel.open(tmp_path / "bundle", store=tmp_path / "device.db")
 
@@ -236,8 +256,13 @@ def test_model_update_with_another_input_size_is_refused(tmp_path, model):
 
 
 def test_adaptation_mode_must_be_in_bundle_and_runtime(tmp_path, w):
-    write_bundle(tmp_path / "b", {"encoder.onnx": linear_encoder(w)}, input_spec=SPEC, embedding=EmbeddingSpec(DIM),
-                 adaptation=Adaptation("prototype", {"prototype": {}, "lora": {"rank": 4}}))
+    write_bundle(
+        tmp_path / "b",
+        {"encoder.onnx": linear_encoder(w)},
+        input_spec=SPEC,
+        embedding=EmbeddingSpec(DIM),
+        adaptation=Adaptation("prototype", {"prototype": {}, "lora": {"rank": 4}}),
+    )
     with pytest.raises(FewShotInputError, match="bundle does not support adaptation mode 'finetune'"):
         FewShotModel.open(tmp_path / "b", adapt="finetune")
     with pytest.raises(FewShotInputError, match="this runtime has no adaptation mode 'lora'"):
@@ -245,15 +270,24 @@ def test_adaptation_mode_must_be_in_bundle_and_runtime(tmp_path, w):
 
 
 def test_encoder_must_match_manifest_shapes(tmp_path, w):
-    write_bundle(tmp_path / "size", {"encoder.onnx": linear_encoder(w)}, input_spec=SPEC, embedding=EmbeddingSpec(DIM + 1))
+    write_bundle(
+        tmp_path / "size", {"encoder.onnx": linear_encoder(w)}, input_spec=SPEC, embedding=EmbeddingSpec(DIM + 1)
+    )
     with pytest.raises(FewShotInputError, match="embedding size 4"):
         FewShotModel.open(tmp_path / "size")
-    write_bundle(tmp_path / "input", {"encoder.onnx": linear_encoder(w)}, input_spec=InputSpec(1, 2, 8), embedding=EmbeddingSpec(DIM))
+    write_bundle(
+        tmp_path / "input",
+        {"encoder.onnx": linear_encoder(w)},
+        input_spec=InputSpec(1, 2, 8),
+        embedding=EmbeddingSpec(DIM),
+    )
     with pytest.raises(FewShotInputError, match="does not match the input spec 1x2x8"):
         FewShotModel.open(tmp_path / "input")
 
 
-NO_TORCH = BLOCK_TORCH + """
+NO_TORCH = (
+    BLOCK_TORCH
+    + """
 import numpy as np
 from fewshot_edge.runtime import FewShotModel
 
@@ -267,6 +301,7 @@ try:
 except ImportError:
     print("blocked")
 """
+)
 
 
 def test_runtime_works_with_torch_unimportable(tmp_path, w):

@@ -26,8 +26,11 @@ OTHER_MODEL = "b" * 64
 def shots(n: int, seed: int = 0, dim: int = 4, shape: tuple = (1, 4, 4)):
     """n random (embeddings, pixels, hashes)."""
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(n, dim)).astype(np.float32), rng.integers(0, 256, size=(n, *shape), dtype=np.uint8),
-            [f"hash-{seed}-{i}" for i in range(n)])
+    return (
+        rng.normal(size=(n, dim)).astype(np.float32),
+        rng.integers(0, 256, size=(n, *shape), dtype=np.uint8),
+        [f"hash-{seed}-{i}" for i in range(n)],
+    )
 
 
 @pytest.fixture
@@ -99,11 +102,23 @@ def test_refused_changes_leave_store_and_version_unchanged(store):
     assert (store.list_classes(), store.data_version()) == before
 
 
-@pytest.mark.parametrize("label, reason", [
-    ("", "empty"), ("   ", "empty"), ("x" * 65, "longer than 64"), ("a/b", "'/'"), ("a\\b", "'\\\\'"),
-    ("it's", "\"'\""), ('say "hi"', "'\"'"), ("tab\there", "control"), ("new\nline", "control"),
-    ("unknown", "reserved"), (" Unknown ", "reserved"), (3, "string"),
-])
+@pytest.mark.parametrize(
+    "label, reason",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("x" * 65, "longer than 64"),
+        ("a/b", "'/'"),
+        ("a\\b", "'\\\\'"),
+        ("it's", '"\'"'),
+        ('say "hi"', "'\"'"),
+        ("tab\there", "control"),
+        ("new\nline", "control"),
+        ("unknown", "reserved"),
+        (" Unknown ", "reserved"),
+        (3, "string"),
+    ],
+)
 def test_bad_labels_are_refused_with_one_line(store, label, reason):
     with pytest.raises(FewShotInputError) as info:
         store.add_class(label, *shots(1))
@@ -203,7 +218,9 @@ def test_sigkill_during_enrollment_leaves_only_whole_classes(tmp_path):
     db, n_shots, rng = tmp_path / "crash.db", 24, random.Random(0)
     committed = 0
     for run in range(10):
-        child = subprocess.Popen([sys.executable, "-c", ENROLLER, str(db), str(run), str(n_shots)], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", ENROLLER, str(db), str(run), str(n_shots)], stdout=subprocess.PIPE, text=True
+        )
         assert child.stdout.readline() == "ready\n"
         time.sleep(rng.uniform(0.0, 0.15))
         os.kill(child.pid, signal.SIGKILL)

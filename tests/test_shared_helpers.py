@@ -25,12 +25,15 @@ def test_confidence_interval_is_mean_and_normal_half_width():
 
 
 def test_stats_import_without_torch():
-    code = BLOCK_TORCH + """
+    code = (
+        BLOCK_TORCH
+        + """
 import numpy as np
 from fewshot_edge.runtime.stats import confidence_interval
 print(confidence_interval(np.array([0.5, 1.0]))[0])
 assert "torch" not in sys.modules
 """
+    )
     assert run_python(code).strip() == "0.75"
 
 

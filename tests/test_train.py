@@ -15,8 +15,20 @@ from fewshot_edge.train import build_method, train
 
 
 def small_config(source, out, **kw) -> TrainConfig:
-    base = dict(sources=[str(source)], data_options={"rotations": True}, holdout=1, n_way=20, k_shot=5,
-                q_query=5, episodes=150, val_every=75, val_episodes=100, seed=0, device="cpu", out=str(out))
+    base = dict(
+        sources=[str(source)],
+        data_options={"rotations": True},
+        holdout=1,
+        n_way=20,
+        k_shot=5,
+        q_query=5,
+        episodes=150,
+        val_every=75,
+        val_episodes=100,
+        seed=0,
+        device="cpu",
+        out=str(out),
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -47,9 +59,29 @@ def test_resume_continues_from_last_checkpoint(omniglot_small1, tmp_path):
 def test_cli_train_then_eval_json(omniglot_small1, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"
-    result = runner.invoke(main, ["train", "--source", str(omniglot_small1), "--holdout", "1", "--way", "10",
-                                  "--episodes", "4", "--val-every", "2", "--val-episodes", "5",
-                                  "--device", "cpu", "--out", str(out), "--json"])
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "--source",
+            str(omniglot_small1),
+            "--holdout",
+            "1",
+            "--way",
+            "10",
+            "--episodes",
+            "4",
+            "--val-every",
+            "2",
+            "--val-episodes",
+            "5",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["episodes"] == 4
     result = runner.invoke(main, ["eval", str(out / "best.pt"), "--episodes", "20", "--json"])
@@ -58,15 +90,20 @@ def test_cli_train_then_eval_json(omniglot_small1, tmp_path):
     assert report["episodes"] == 20 and report["n_way"] == 5 and 0.0 <= report["accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "--source", "{src}", "--holdout", "40", "--episodes", "1"], "can hold out 1 to 4 of 5 groups"),
-    (["train", "--source", "{src}", "--way", "500", "--episodes", "1", "--holdout", "1"], "500-way episodes need"),
-    (["eval", "{bad}"], "not a readable checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--source", "{src}", "--holdout", "40", "--episodes", "1"], "can hold out 1 to 4 of 5 groups"),
+        (["train", "--source", "{src}", "--way", "500", "--episodes", "1", "--holdout", "1"], "500-way episodes need"),
+        (["eval", "{bad}"], "not a readable checkpoint"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(omniglot_small1, tmp_path, args, message):
     bad = tmp_path / "bad.pt"
     bad.write_text("nope")
-    args = [a.format(src=omniglot_small1, bad=bad) for a in args] + (["--out", str(tmp_path / "o")] if args[0] == "train" else [])
+    args = [a.format(src=omniglot_small1, bad=bad) for a in args] + (
+        ["--out", str(tmp_path / "o")] if args[0] == "train" else []
+    )
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert message in result.output
@@ -75,10 +112,24 @@ def test_cli_bad_input_is_one_line_and_exit_2(omniglot_small1, tmp_path, args, m
 
 @pytest.mark.parametrize("backbone,size", [("conv4", 84), ("resnet12", 32)])
 def test_trains_on_rgb_class_folders(miniimagenet_val, tmp_path, backbone, size):
-    config = TrainConfig(data="folders", sources=[str(miniimagenet_val)],
-                         data_options={"size": size, "max_per_class": 10}, holdout=4, backbone=backbone,
-                         n_way=5, k_shot=2, q_query=2, val_way=3, val_shot=1, val_query=2, episodes=3,
-                         val_every=3, val_episodes=3, device="cpu", out=str(tmp_path / backbone))
+    config = TrainConfig(
+        data="folders",
+        sources=[str(miniimagenet_val)],
+        data_options={"size": size, "max_per_class": 10},
+        holdout=4,
+        backbone=backbone,
+        n_way=5,
+        k_shot=2,
+        q_query=2,
+        val_way=3,
+        val_shot=1,
+        val_query=2,
+        episodes=3,
+        val_every=3,
+        val_episodes=3,
+        device="cpu",
+        out=str(tmp_path / backbone),
+    )
     metrics = train(config, progress_bar=False)
     assert metrics["train_classes"] == 12 and metrics["val_classes"] == 4
     method, _, spec, _ = load_checkpoint(tmp_path / backbone / "best.pt")

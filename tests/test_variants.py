@@ -54,7 +54,10 @@ def test_fp16_and_int8_encoders_match_fp32_within_tolerance(tmp_path):
 def variant_bundle(tmp_path):
     tiny_variants(tmp_path)
     files = {name: tmp_path / name for name in ("encoder.onnx", "encoder.int8.onnx")}
-    variants = {"fp32": {"role": "encoder", "accuracy": 0.9}, "int8": {"role": "encoder.int8", "accuracy": 0.89, "delta": -0.01}}
+    variants = {
+        "fp32": {"role": "encoder", "accuracy": 0.9},
+        "int8": {"role": "encoder.int8", "accuracy": 0.89, "delta": -0.01},
+    }
     return write_bundle(tmp_path / "bundle", files, input_spec=SPEC, embedding=EmbeddingSpec(8), variants=variants)
 
 
@@ -97,16 +100,26 @@ def test_manifest_without_variants_stays_as_before(tmp_path):
 
 @pytest.fixture(scope="module")
 def bundle(checkpoint, tmp_path_factory):
-    return export_bundle(checkpoint, tmp_path_factory.mktemp("export") / "bundle", calibration_episodes=20,
-                         precisions=("fp16", "int8"), variant_episodes=100)
+    return export_bundle(
+        checkpoint,
+        tmp_path_factory.mktemp("export") / "bundle",
+        calibration_episodes=20,
+        precisions=("fp16", "int8"),
+        variant_episodes=100,
+    )
 
 
 def test_export_measures_and_records_each_variant(bundle):
     manifest = bundle.manifest
     assert {n: e.role for n, e in manifest.files.items()} == {
-        "encoder.onnx": "encoder", "encoder.fp16.onnx": "encoder.fp16", "encoder.int8.onnx": "encoder.int8"}
+        "encoder.onnx": "encoder",
+        "encoder.fp16.onnx": "encoder.fp16",
+        "encoder.int8.onnx": "encoder.int8",
+    }
     v = manifest.variants
-    assert list(v) == ["fp32", "fp16", "int8"] and v["fp32"]["episodes"].startswith("100 5-way 1-shot validation episodes")
+    assert list(v) == ["fp32", "fp16", "int8"] and v["fp32"]["episodes"].startswith(
+        "100 5-way 1-shot validation episodes"
+    )
     for precision in ("fp16", "int8"):
         entry = v[precision]
         assert entry["role"] == f"encoder.{precision}" and entry["episodes"] == v["fp32"]["episodes"]
@@ -114,7 +127,9 @@ def test_export_measures_and_records_each_variant(bundle):
         assert 0 < entry["parity"]["max_rel_diff"] <= entry["parity"]["tolerance"] == PARITY_TOLERANCE[precision]
     assert abs(v["fp16"]["delta"]) <= 0.002 and v["int8"]["method"]["calibration_images"] == 512
     stem = ["/backbone/blocks.0/conv/Conv", "/backbone/blocks.0/Relu", "/backbone/blocks.0/pool/MaxPool"]
-    assert v["int8"]["method"]["float_nodes"] == stem and v["int8"]["disabled_optimizers"] == ["QDQPropagationTransformer"]
+    assert v["int8"]["method"]["float_nodes"] == stem and v["int8"]["disabled_optimizers"] == [
+        "QDQPropagationTransformer"
+    ]
     int8 = onnx.load(str(bundle.file("encoder.int8")))
     first = next(n for n in int8.graph.node if n.name == stem[0])
     assert first.op_type == "Conv" and first.input[0] == "images"  # the stem reads the float image, unquantized
@@ -134,27 +149,44 @@ def test_a_variant_losing_accuracy_is_refused_unless_forced(checkpoint, tmp_path
     monkeypatch.setattr(variants_module, "to_fp16", broken_fp16)
     with pytest.raises(VariantRefused, match="fp16 encoder loses .* points of 5-way 1-shot accuracy"):
         export_bundle(checkpoint, tmp_path / "b", calibration_episodes=20, precisions=("fp16",), variant_episodes=50)
-    args = ["export", str(checkpoint), "--out", str(tmp_path / "b"), "--calibration-episodes", "20", "--fp16",
-            "--variant-episodes", "50"]
+    args = [
+        "export",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "b"),
+        "--calibration-episodes",
+        "20",
+        "--fp16",
+        "--variant-episodes",
+        "50",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "no bundle written (force it with --force-variant)" in result.output
     assert len(result.output.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
     result = CliRunner().invoke(main, [*args, "--force-variant"])
     assert result.exit_code == 0, result.output
-    assert "variant fp16: accuracy" in result.output and open_bundle(tmp_path / "b").manifest.variants["fp16"]["delta"] < -0.01
+    assert (
+        "variant fp16: accuracy" in result.output
+        and open_bundle(tmp_path / "b").manifest.variants["fp16"]["delta"] < -0.01
+    )
 
 
 def test_bench_all_variants_and_adapt(bundle):
     runner = CliRunner()
-    result = runner.invoke(main, ["bench", str(bundle.path), "--all-variants", "--adapt", "prototype", "--quick", "--json",
-                                  "--threads", "1"])
+    result = runner.invoke(
+        main,
+        ["bench", str(bundle.path), "--all-variants", "--adapt", "prototype", "--quick", "--json", "--threads", "1"],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     rows = report["precisions"]["precisions"]
     assert list(rows) == ["fp32", "fp16", "int8"] and rows["fp32"]["throughput_vs_fp32"] == 1.0
     assert all(r["encoder_images_per_s"] > 0 and r["predict"]["p50_ms"] > 0 for r in rows.values())
     assert rows["int8"]["accuracy"] == bundle.manifest.variants["int8"]["accuracy"]
-    assert list(report["adaptation"]["modes"]) == ["prototype"] and report["adaptation"]["enrolled"] == "20 classes x 5 shots"
+    assert (
+        list(report["adaptation"]["modes"]) == ["prototype"]
+        and report["adaptation"]["enrolled"] == "20 classes x 5 shots"
+    )
     text = runner.invoke(main, ["bench", str(bundle.path), "--all-variants", "--quick", "--threads", "1"]).output
     assert "accuracy: measured at export on 100 5-way 1-shot validation episodes" in text and "\nint8 " in text
     bad = runner.invoke(main, ["bench", str(bundle.path), "--adapt", "nope", "--quick"])
@@ -164,12 +196,30 @@ def test_bench_all_variants_and_adapt(bundle):
 
 def test_film_bundle_variants_predict_in_film_mode(tmp_path):
     source = require_data("omniglot/images_background_small1.zip")[0]
-    config = TrainConfig(sources=[str(source)], data_options={"rotations": True}, holdout=1, method="film",
-                         method_options={"task_dim": 16}, n_way=5, k_shot=1, q_query=2, episodes=2, val_every=2,
-                         val_episodes=3, seed=0, device="cpu", out=str(tmp_path / "run"))
+    config = TrainConfig(
+        sources=[str(source)],
+        data_options={"rotations": True},
+        holdout=1,
+        method="film",
+        method_options={"task_dim": 16},
+        n_way=5,
+        k_shot=1,
+        q_query=2,
+        episodes=2,
+        val_every=2,
+        val_episodes=3,
+        seed=0,
+        device="cpu",
+        out=str(tmp_path / "run"),
+    )
     train(config, progress_bar=False)
-    bundle = export_bundle(tmp_path / "run" / "last.pt", tmp_path / "bundle", calibration_episodes=10,
-                           precisions=("fp16", "int8"), variant_episodes=30)
+    bundle = export_bundle(
+        tmp_path / "run" / "last.pt",
+        tmp_path / "bundle",
+        calibration_episodes=10,
+        precisions=("fp16", "int8"),
+        variant_episodes=30,
+    )
     assert set(bundle.manifest.variants) == {"fp32", "fp16", "int8"} and bundle.file("context").is_file()
     shots = {c: [np.full((28, 28), 255, np.uint8) for _ in range(2)] for c in ("a", "b")}
     shots["a"][0][4:24, 12:16] = 0  # a vertical bar

@@ -18,19 +18,41 @@ from .options import engine_options
 
 @main.command()
 @click.argument("bundle", required=False)
-@click.option("--threads", type=int, metavar="N", default=os.cpu_count() or 1, show_default=True,
-              help="Threads for onnxruntime (and PyTorch with --checkpoint).")
+@click.option(
+    "--threads",
+    type=int,
+    metavar="N",
+    default=os.cpu_count() or 1,
+    show_default=True,
+    help="Threads for onnxruntime (and PyTorch with --checkpoint).",
+)
 @click.option("--checkpoint", metavar="CKPT", help="Also time this checkpoint's model in PyTorch eager (needs torch).")
 @click.option("--quick", is_flag=True, help="Fewer runs: a few seconds, rougher figures.")
-@click.option("--all-variants", is_flag=True,
-              help="Instead: the bundle's precisions side by side (latency, throughput, export-time accuracy).")
-@click.option("--adapt", "modes", multiple=True, metavar="MODE",
-              help="Instead: refit time and prediction latency of MODE beside prototype, 20 classes x 5 shots (repeatable).")
+@click.option(
+    "--all-variants",
+    is_flag=True,
+    help="Instead: the bundle's precisions side by side (latency, throughput, export-time accuracy).",
+)
+@click.option(
+    "--adapt",
+    "modes",
+    multiple=True,
+    metavar="MODE",
+    help="Instead: refit time and prediction latency of MODE beside prototype, 20 classes x 5 shots (repeatable).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @engine_options
 @reports_input_errors
-def bench(bundle: str | None, threads: int, checkpoint: str | None, quick: bool, all_variants: bool,
-          modes: tuple[str, ...], as_json: bool, engine: dict[str, Any]) -> None:
+def bench(
+    bundle: str | None,
+    threads: int,
+    checkpoint: str | None,
+    quick: bool,
+    all_variants: bool,
+    modes: tuple[str, ...],
+    as_json: bool,
+    engine: dict[str, Any],
+) -> None:
     """Latency, throughput, cold start and memory of a bundle on this machine.
 
     \b
@@ -53,18 +75,28 @@ def bench(bundle: str | None, threads: int, checkpoint: str | None, quick: bool,
         click.echo(format_bench(report))
 
 
-def compare(bundle: str, threads: int, quick: bool, all_variants: bool, modes: Sequence[str], as_json: bool,
-            engine: dict[str, Any]) -> None:
+def compare(
+    bundle: str,
+    threads: int,
+    quick: bool,
+    all_variants: bool,
+    modes: Sequence[str],
+    as_json: bool,
+    engine: dict[str, Any],
+) -> None:
     """``bench --all-variants`` and ``--adapt``: the side-by-side tables (or JSON)."""
     from fewshot_edge.runtime.bench_compare import compare_modes, compare_precisions
 
     opened = {key: value for key, value in engine.items() if key != "precision"}
     report: dict[str, Any] = {}
     if all_variants:
-        report["precisions"] = compare_precisions(bundle, threads=threads, **opened,
-                                                  **(dict(runs=50, batch=64, seconds=0.2) if quick else {}))
+        report["precisions"] = compare_precisions(
+            bundle, threads=threads, **opened, **(dict(runs=50, batch=64, seconds=0.2) if quick else {})
+        )
     if modes:
-        report["adaptation"] = compare_modes(bundle, modes, threads=threads, **engine, **(dict(runs=50, refits=3) if quick else {}))
+        report["adaptation"] = compare_modes(
+            bundle, modes, threads=threads, **engine, **(dict(runs=50, refits=3) if quick else {})
+        )
     if as_json:
         emit_json(report)
     else:
@@ -73,17 +105,35 @@ def compare(bundle: str, threads: int, quick: bool, all_variants: bool, modes: S
 
 def format_compare(name: str, r: dict[str, Any]) -> str:
     """A --all-variants or --adapt report as an aligned table."""
+
     def ms(t: dict[str, float]) -> str:
         return f"{t['p50_ms']:.3f} / {t['p99_ms']:.3f}"
 
     m = r["machine"]
     head = f"{r['bundle']}: {m['cpu']}, {m['cpus']} CPUs, onnxruntime {m['onnxruntime']}, {r['threads'] or 'default'} threads"
     if name == "precisions":
-        header = ["precision", "predict p50/p99 ms", "encoder p50/p99 ms", f"encoder img/s (batch {r['batch']})", "vs fp32", "accuracy"]
-        rows = [[p, ms(v["predict"]), ms(v["encoder"]), f"{v['encoder_images_per_s']:,.0f}", f"{v['throughput_vs_fp32']:.2f}x",
-                 "not measured" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}% +- {100 * v['ci95']:.2f}"
-                 + ("" if v["delta"] is None else f" ({100 * v['delta']:+.2f} +- {100 * v['delta_ci95']:.2f} pts)")]
-                for p, v in r["precisions"].items()]
+        header = [
+            "precision",
+            "predict p50/p99 ms",
+            "encoder p50/p99 ms",
+            f"encoder img/s (batch {r['batch']})",
+            "vs fp32",
+            "accuracy",
+        ]
+        rows = [
+            [
+                p,
+                ms(v["predict"]),
+                ms(v["encoder"]),
+                f"{v['encoder_images_per_s']:,.0f}",
+                f"{v['throughput_vs_fp32']:.2f}x",
+                "not measured"
+                if v["accuracy"] is None
+                else f"{100 * v['accuracy']:.2f}% +- {100 * v['ci95']:.2f}"
+                + ("" if v["delta"] is None else f" ({100 * v['delta']:+.2f} +- {100 * v['delta_ci95']:.2f} pts)"),
+            ]
+            for p, v in r["precisions"].items()
+        ]
         foot = f"accuracy: measured at export on {r['accuracy_on'] or 'no episodes'} (from the manifest)"
     else:
         header = ["mode", "refit p50/p99 ms", "predict p50/p99 ms"]
@@ -123,9 +173,13 @@ def pytorch_figures(eager: str | tuple[Any, InputSpec], report: dict[str, Any]) 
     x = torch.from_numpy(preprocess(source_images(spec, 1), spec))
     with torch.inference_mode():
         encoder = time_calls(lambda: method.embed(x), report["encoder"]["runs"])
-    return {"encoder": encoder, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "times_encoder": encoder["p50_ms"] / report["encoder"]["p50_ms"],
-            "times_predict": encoder["p50_ms"] / report["predict"]["p50_ms"]}
+    return {
+        "encoder": encoder,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "times_encoder": encoder["p50_ms"] / report["encoder"]["p50_ms"],
+        "times_predict": encoder["p50_ms"] / report["predict"]["p50_ms"],
+    }
 
 
 def format_bench(r: dict[str, Any]) -> str:
@@ -137,11 +191,17 @@ def format_bench(r: dict[str, Any]) -> str:
 
     lines = [
         ("bundle", f"{r['bundle']} (model {r['model_id'][:12]}, input {r['input']})"),
-        ("machine", f"{m['cpu']}, {m['cpus']} CPUs, onnxruntime {m['onnxruntime']}, {r['threads'] or 'default'} threads"),
+        (
+            "machine",
+            f"{m['cpu']}, {m['cpus']} CPUs, onnxruntime {m['onnxruntime']}, {r['threads'] or 'default'} threads",
+        ),
         (f"predict, one {r['source_image']} image", f"{ms(r['predict'])}   (preprocess + encode + score)"),
         ("encoder, one image", ms(r["encoder"])),
         (f"encoder, batches of {r['batch']}", f"{r['encoder_images_per_s']:,.0f} images/s"),
-        (f"end to end, batches of {r['batch']}", f"{r['end_to_end_images_per_s']:,.0f} images/s   (preprocess + encode)"),
+        (
+            f"end to end, batches of {r['batch']}",
+            f"{r['end_to_end_images_per_s']:,.0f} images/s   (preprocess + encode)",
+        ),
         ("enroll, one class of 5 shots", f"{ms(r['enroll'])}   (SQLite store)"),
         ("cold start", f"{r['cold_start_s']:.3f} s   (new process to its first prediction)"),
         ("peak RSS", f"{r['peak_rss_mb']:.0f} MB   (new process, {r['rss_predictions']} predictions)"),
@@ -150,9 +210,12 @@ def format_bench(r: dict[str, Any]) -> str:
     if "skipped" in torch_figures:
         lines.append(("pytorch", f"skipped ({torch_figures['skipped']})"))
     else:
-        lines.append(("pytorch eager, encoder, one image",
-                      f"{ms(torch_figures['encoder'])}   = {torch_figures['times_encoder']:.1f}x onnxruntime's encoder, "
-                      f"{torch_figures['times_predict']:.1f}x its whole prediction"))
+        lines.append(
+            (
+                "pytorch eager, encoder, one image",
+                f"{ms(torch_figures['encoder'])}   = {torch_figures['times_encoder']:.1f}x onnxruntime's encoder, "
+                f"{torch_figures['times_predict']:.1f}x its whole prediction",
+            )
+        )
     width = max(len(name) for name, _ in lines)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in lines)
-

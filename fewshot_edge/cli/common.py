@@ -61,7 +61,8 @@ class CommandGroup(click.Group):
                 raise
             raise click.ClickException(
                 f"unexpected {exc.__class__.__name__}: {first_line(exc)} "
-                f"(run with --debug or {DEBUG_ENV}=1 for the traceback)") from None
+                f"(run with --debug or {DEBUG_ENV}=1 for the traceback)"
+            ) from None
 
 
 def require_modules(*names: str) -> None:
@@ -86,8 +87,13 @@ def echo_err(message: str) -> None:
 
 @click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="fewshot-edge")
-@click.option("--debug", is_flag=True, envvar=DEBUG_ENV, show_envvar=True,
-              help="Show the full traceback of an unexpected error instead of one line.")
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar=DEBUG_ENV,
+    show_envvar=True,
+    help="Show the full traceback of an unexpected error instead of one line.",
+)
 def main(debug: bool) -> None:
     """Few-shot learning from meta-training to on-device enrollment.
 
@@ -96,4 +102,3 @@ def main(debug: bool) -> None:
     Device:   enroll -> predict -> classes   (numpy + onnxruntime only)
     Try:      fewshot-edge demo
     """
-

@@ -27,16 +27,23 @@ from .options import bundle_option
 
 @main.command()
 @bundle_option
-@click.option("--data", metavar="ZIP", help="An Omniglot zip (or the same tree unpacked): run N-way 1-shot "
-                                       "episodes on its characters instead of drawn symbols.")
+@click.option(
+    "--data",
+    metavar="ZIP",
+    help="An Omniglot zip (or the same tree unpacked): run N-way 1-shot "
+    "episodes on its characters instead of drawn symbols.",
+)
 @click.option("--ways", "n_way", default=5, metavar="N", show_default=True, help="Classes to enroll, one shot each.")
-@click.option("--queries", "q_query", default=5, metavar="Q", show_default=True, help="New drawings to classify per class.")
+@click.option(
+    "--queries", "q_query", default=5, metavar="Q", show_default=True, help="New drawings to classify per class."
+)
 @click.option("--episodes", default=200, metavar="E", show_default=True, help="With --data: episodes to average over.")
 @click.option("--seed", default=0, metavar="S", show_default=True, help="Seed of the drawings (or episodes).")
 @click.option("--out", metavar="DIR", help="Folder for the PNGs drawn [a new temporary folder].")
 @reports_input_errors
-def demo(bundle: str | None, data: str | None, n_way: int, q_query: int, episodes: int, seed: int,
-         out: str | None) -> None:
+def demo(
+    bundle: str | None, data: str | None, n_way: int, q_query: int, episodes: int, seed: int, out: str | None
+) -> None:
     """Teach the model new symbols from one drawing each, then classify new drawings.
 
     \b
@@ -65,25 +72,32 @@ def classify(model: FewShotModel, images: Sequence[Any]) -> tuple[list[Predictio
     return predictions, latencies
 
 
-def drawn_symbols(bundle_dir: Path, bundle: str | None, n_way: int, q_query: int, seed: int,
-                  out: str | None) -> None:
+def drawn_symbols(bundle_dir: Path, bundle: str | None, n_way: int, q_query: int, seed: int, out: str | None) -> None:
     """The default demo: procedural symbols, written as PNGs, enrolled into a temporary store."""
     rng = np.random.default_rng(seed)
     symbol_seeds = rng.integers(2**31, size=n_way + 1)
     symbols = [glyphs.draw(int(s)) for s in symbol_seeds]
     labels = [f"symbol-{i + 1}" for i in range(n_way)]
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="fewshot-edge-demo-"))
-    shots = {label: glyphs.perturb(symbol, int(rng.integers(2**31))) for label, symbol in zip(labels, symbols[:-1], strict=True)}
-    drawings = {f"{label}-{j + 1}": (label, glyphs.perturb(symbol, int(rng.integers(2**31))))
-                for label, symbol in zip(labels, symbols[:-1], strict=True) for j in range(q_query)}
+    shots = {
+        label: glyphs.perturb(symbol, int(rng.integers(2**31)))
+        for label, symbol in zip(labels, symbols[:-1], strict=True)
+    }
+    drawings = {
+        f"{label}-{j + 1}": (label, glyphs.perturb(symbol, int(rng.integers(2**31))))
+        for label, symbol in zip(labels, symbols[:-1], strict=True)
+        for j in range(q_query)
+    }
     drawings["unseen"] = ("unknown", glyphs.perturb(symbols[-1], int(rng.integers(2**31))))
     for label, image in shots.items():
         _save(image, folder / "shots" / label / "1.png")
     for name, (_, image) in drawings.items():
         _save(image, folder / "queries" / f"{name}.png")
 
-    with tempfile.TemporaryDirectory(prefix="fewshot-edge-demo-") as tmp, \
-            FewShotModel.open(bundle_dir, store=Path(tmp) / "demo.db") as model:
+    with (
+        tempfile.TemporaryDirectory(prefix="fewshot-edge-demo-") as tmp,
+        FewShotModel.open(bundle_dir, store=Path(tmp) / "demo.db") as model,
+    ):
         for label, image in shots.items():
             model.enroll(label, [image])
         predictions, latencies = classify(model, [image for _, image in drawings.values()])
@@ -94,11 +108,15 @@ def drawn_symbols(bundle_dir: Path, bundle: str | None, n_way: int, q_query: int
     unseen = predictions[-1]
     click.echo(f"drew {n_way} symbols and one unseen symbol; PNGs in {folder}")
     click.echo(f"enrolled {n_way} symbols from one drawing each")
-    click.echo(f"new drawings: {correct}/{len(known)} correct ({100 * correct / len(known):.1f}%), "
-               f"{sum(p.label == 'unknown' for p, _ in known)} answered unknown")
+    click.echo(
+        f"new drawings: {correct}/{len(known)} correct ({100 * correct / len(known):.1f}%), "
+        f"{sum(p.label == 'unknown' for p, _ in known)} answered unknown"
+    )
     limit = "no open-set threshold in this bundle" if threshold is None else f"1-shot threshold {threshold:.4g}"
-    click.echo(f"unseen symbol: {unseen.label} (nearest {unseen.top_k[0][0]}, distance {unseen.distance:.4g}, {limit}) "
-               f"-> {'rejected' if unseen.label == 'unknown' else 'NOT rejected'}")
+    click.echo(
+        f"unseen symbol: {unseen.label} (nearest {unseen.top_k[0][0]}, distance {unseen.distance:.4g}, {limit}) "
+        f"-> {'rejected' if unseen.label == 'unknown' else 'NOT rejected'}"
+    )
     click.echo(f"latency: {1e3 * float(np.median(latencies)):.2f} ms per image (median; decoded image -> label)")
     store = str(folder / "store.db")
     click.echo("\nthe same from the command line:")
@@ -118,16 +136,22 @@ def omniglot_episodes(bundle_dir: Path, data: str, n_way: int, q_query: int, epi
         if len(characters) < n_way:
             raise InputError(f"{data} has {len(characters)} characters, fewer than --ways {n_way}")
         for _ in tqdm(range(episodes), desc="episodes", unit="episode", disable=None):
-            drawings = [_sample(characters[c], 1 + q_query, rng) for c in rng.choice(len(characters), n_way, replace=False)]
+            drawings = [
+                _sample(characters[c], 1 + q_query, rng) for c in rng.choice(len(characters), n_way, replace=False)
+            ]
             predictions, times = _episode(model, drawings)
             truth = [c for c in range(n_way) for _ in range(q_query)]
             accuracy.append(np.mean([p.top_k[0][0] == f"class-{t}" for p, t in zip(predictions, truth, strict=True)]))
             unknown += sum(p.label == "unknown" for p in predictions)
             latencies += times
     mean, ci95 = confidence_interval(np.asarray(accuracy))
-    click.echo(f"{n_way}-way 1-shot on {data}: {100 * mean:.2f}% +- {100 * ci95:.2f} (95% CI, {episodes} episodes, "
-               f"{q_query} queries per class)")
-    click.echo(f"answered unknown: {100 * unknown / (episodes * n_way * q_query):.1f}% of queries (all were of enrolled classes)")
+    click.echo(
+        f"{n_way}-way 1-shot on {data}: {100 * mean:.2f}% +- {100 * ci95:.2f} (95% CI, {episodes} episodes, "
+        f"{q_query} queries per class)"
+    )
+    click.echo(
+        f"answered unknown: {100 * unknown / (episodes * n_way * q_query):.1f}% of queries (all were of enrolled classes)"
+    )
     click.echo(f"latency: {1e3 * float(np.median(latencies)):.2f} ms per image (median; decoded image -> label)")
 
 

@@ -34,17 +34,22 @@ def info(bundle: str | None, engines: str | None, as_json: bool) -> None:
     cache = engine_dir(opened.path, engines)
     built = [{"file": p.name, **_sidecar(p)} for p in sorted(cache.glob("*.engine"))] if cache.is_dir() else []
     report = {
-        "bundle": str(opened.path), "model_id": opened.model_id,
+        "bundle": str(opened.path),
+        "model_id": opened.model_id,
         "precisions": {p: opened.manifest.variants.get(p, {}) for p in opened.precisions},
         "backends": {name: {"available": why is None, "reason": why} for name, why in reasons.items()},
-        "auto": select().describe(), "engine_dir": str(cache), "engines": built,
+        "auto": select().describe(),
+        "engine_dir": str(cache),
+        "engines": built,
     }
     if as_json:
         emit_json(report)
         return
     click.echo(f"bundle      {opened.path} (model {opened.model_id[:12]})")
     for precision, figures in report["precisions"].items():
-        accuracy = f"5-way 1-shot {100 * figures['accuracy']:.2f}%" if "accuracy" in figures else "accuracy not measured"
+        accuracy = (
+            f"5-way 1-shot {100 * figures['accuracy']:.2f}%" if "accuracy" in figures else "accuracy not measured"
+        )
         delta = f" ({100 * figures['delta']:+.2f} vs fp32)" if "delta" in figures else ""
         click.echo(f"precision   {precision:<5} {accuracy}{delta}")
     for name, why in reasons.items():
@@ -70,8 +75,9 @@ def _sidecar(engine: Path) -> dict[str, Any]:
 @click.option("--max-batch", default=64, show_default=True, help="Largest batch (bigger ones run in chunks).")
 @engine_dir_option
 @reports_input_errors
-def build_engine(bundle: str, precision: str | None, min_batch: int, opt_batch: int, max_batch: int,
-                 engines: str | None) -> None:
+def build_engine(
+    bundle: str, precision: str | None, min_batch: int, opt_batch: int, max_batch: int, engines: str | None
+) -> None:
     """Build (on the target device) and cache a TensorRT engine of BUNDLE's encoder [fp32].
 
     \b
@@ -92,5 +98,7 @@ def build_engine(bundle: str, precision: str | None, min_batch: int, opt_batch: 
     path, built = cached_engine(engine_source(opened, precision), key, engine_dir(opened.path, engines))
     state = f"built in {time.perf_counter() - start:.1f} s" if built else "up to date, kept"
     click.echo(f"engine {path} ({state})")
-    click.echo(f"  key: {precision}, batch {min_batch}/{opt_batch}/{max_batch}, TensorRT {key.tensorrt_version}, "
-               f"{key.gpu_name} (compute {key.compute_capability}), model {opened.model_id[:12]}")
+    click.echo(
+        f"  key: {precision}, batch {min_batch}/{opt_batch}/{max_batch}, TensorRT {key.tensorrt_version}, "
+        f"{key.gpu_name} (compute {key.compute_capability}), model {opened.model_id[:12]}"
+    )

@@ -27,16 +27,28 @@ PROGRESS_MIN_IMAGES = 50
 PREDICT_CHUNK = 256
 
 
-def open_model(bundle: str | None, store: str, reembed: bool, adapt: str | None = None,
-               create: bool = False, adapt_options: dict[str, Any] | None = None,
-               engine: dict[str, Any] | None = None) -> FewShotModel:
+def open_model(
+    bundle: str | None,
+    store: str,
+    reembed: bool,
+    adapt: str | None = None,
+    create: bool = False,
+    adapt_options: dict[str, Any] | None = None,
+    engine: dict[str, Any] | None = None,
+) -> FewShotModel:
     """The model on ``bundle`` (default: the pretrained one) with ``store``; a missing store is an
     error unless ``create``. ``engine``: precision/backend arguments of ``FewShotModel.open``."""
     if not create and not Path(store).is_file():
         raise InputError(f"no enrollment store at {store}; enroll classes first")
     try:
-        return FewShotModel.open(bundle or default_bundle(), store=store, adapt=adapt, reembed=reembed,
-                                 adapt_options=adapt_options, **(engine or {}))
+        return FewShotModel.open(
+            bundle or default_bundle(),
+            store=store,
+            adapt=adapt,
+            reembed=reembed,
+            adapt_options=adapt_options,
+            **(engine or {}),
+        )
     except FewShotInputError as exc:  # name the option, not the API argument
         raise InputError(str(exc).replace("open it with reembed=True", "pass --reembed")) from None
 
@@ -70,8 +82,10 @@ def enrollment_plan(paths: Sequence[str], label: str | None) -> dict[str, list[P
     plan: dict[str, list[Path]] = {}
     for root in map(Path, paths):
         if not root.is_dir():
-            raise InputError(f"{root} is not a folder; give --label NAME to enroll image files, "
-                             "or folders with a subfolder of images per class")
+            raise InputError(
+                f"{root} is not a folder; give --label NAME to enroll image files, "
+                "or folders with a subfolder of images per class"
+            )
         folders = class_folders(root)
         if not folders:
             raise InputError(f"no class subfolders in {root} (expected {root}/<label>/<image>)")
@@ -89,13 +103,24 @@ def enrollment_plan(paths: Sequence[str], label: str | None) -> dict[str, list[P
 @store_options
 @click.option("--label", metavar="NAME", help="Enroll every image given (files or folders of images) as this class.")
 @click.option("--add", is_flag=True, help="Add the images to classes that are already enrolled.")
-@click.option("--adapt", metavar="MODE", help="Make MODE (one the bundle lists) this store's adaptation mode: "
-                                              "predict uses it unless given another.")
+@click.option(
+    "--adapt",
+    metavar="MODE",
+    help="Make MODE (one the bundle lists) this store's adaptation mode: predict uses it unless given another.",
+)
 @click.argument("paths", nargs=-1, required=True)
 @engine_options
 @reports_input_errors
-def enroll(bundle: str | None, store: str, reembed: bool, label: str | None, add: bool, adapt: str | None,
-           paths: tuple[str, ...], engine: dict[str, Any]) -> None:
+def enroll(
+    bundle: str | None,
+    store: str,
+    reembed: bool,
+    label: str | None,
+    add: bool,
+    adapt: str | None,
+    paths: tuple[str, ...],
+    engine: dict[str, Any],
+) -> None:
     """Enroll classes from a few images each.
 
     \b
@@ -134,16 +159,28 @@ def enroll(bundle: str | None, store: str, reembed: bool, label: str | None, add
 
 @main.command()
 @store_options
-@click.option("--adapt", metavar="MODE",
-              help="Adaptation mode (one the bundle lists) [the store's, set by enroll --adapt, else the bundle's default].")
+@click.option(
+    "--adapt",
+    metavar="MODE",
+    help="Adaptation mode (one the bundle lists) [the store's, set by enroll --adapt, else the bundle's default].",
+)
 @click.option("--steps", type=int, metavar="N", help="finetune mode: gradient steps on the shots [as meta-trained].")
 @click.option("--top-k", default=1, metavar="K", show_default=True, help="Also list the K most likely classes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 @click.argument("images", nargs=-1, required=True)
 @engine_options
 @reports_input_errors
-def predict(bundle: str | None, store: str, reembed: bool, adapt: str | None, steps: int | None, top_k: int,
-            as_json: bool, images: tuple[str, ...], engine: dict[str, Any]) -> None:
+def predict(
+    bundle: str | None,
+    store: str,
+    reembed: bool,
+    adapt: str | None,
+    steps: int | None,
+    top_k: int,
+    as_json: bool,
+    images: tuple[str, ...],
+    engine: dict[str, Any],
+) -> None:
     """Classify images (files, or folders of images) among the enrolled classes.
 
     \b
@@ -154,19 +191,31 @@ def predict(bundle: str | None, store: str, reembed: bool, adapt: str | None, st
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {top_k}")
     files = expand_images(images)
-    with open_model(bundle, store, reembed, adapt, adapt_options=None if steps is None else {"steps": steps},
-                    engine=engine) as model:
+    with open_model(
+        bundle, store, reembed, adapt, adapt_options=None if steps is None else {"steps": steps}, engine=engine
+    ) as model:
         predictions: list[Prediction] = []
-        with tqdm(total=len(files), unit="img", desc="predicting",
-                  disable=len(files) < PROGRESS_MIN_IMAGES * 4 or None) as bar:
+        with tqdm(
+            total=len(files), unit="img", desc="predicting", disable=len(files) < PROGRESS_MIN_IMAGES * 4 or None
+        ) as bar:
             for start in range(0, len(files), PREDICT_CHUNK):
-                chunk = files[start:start + PREDICT_CHUNK]
+                chunk = files[start : start + PREDICT_CHUNK]
                 predictions += model.predict(chunk, top_k=top_k)
                 bar.update(len(chunk))
     if as_json:
-        emit_json([{"image": str(f), "label": p.label, "probability": p.probability, "distance": p.distance,
-                    "unknown": p.label != p.top_k[0][0], "top_k": [{"label": k, "probability": v} for k, v in p.top_k]}
-                   for f, p in zip(files, predictions, strict=True)])
+        emit_json(
+            [
+                {
+                    "image": str(f),
+                    "label": p.label,
+                    "probability": p.probability,
+                    "distance": p.distance,
+                    "unknown": p.label != p.top_k[0][0],
+                    "top_k": [{"label": k, "probability": v} for k, v in p.top_k],
+                }
+                for f, p in zip(files, predictions, strict=True)
+            ]
+        )
         return
     name_width = max(len(str(f)) for f in files)
     label_width = max(len(p.label) for p in predictions)

@@ -13,23 +13,51 @@ from .common import emit_json, main, reports_input_errors, require_modules
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
-@click.option("--calibration-episodes", default=500, show_default=True,
-              help="Validation episode pairs the temperature and open-set threshold are fitted on.")
-@click.option("--target-false-reject", default=0.05, show_default=True,
-              help="Open-set threshold: share of known-class queries allowed to be answered 'unknown'.")
-@click.option("--tolerance", default=1e-4, show_default=True, help="Largest |ONNX - PyTorch| embedding difference accepted.")
+@click.option(
+    "--calibration-episodes",
+    default=500,
+    show_default=True,
+    help="Validation episode pairs the temperature and open-set threshold are fitted on.",
+)
+@click.option(
+    "--target-false-reject",
+    default=0.05,
+    show_default=True,
+    help="Open-set threshold: share of known-class queries allowed to be answered 'unknown'.",
+)
+@click.option(
+    "--tolerance", default=1e-4, show_default=True, help="Largest |ONNX - PyTorch| embedding difference accepted."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the parity inputs and calibration episodes.")
 @click.option("--fp16", is_flag=True, help="Add a float16 encoder (float32 inputs and outputs).")
 @click.option("--int8", is_flag=True, help="Add a static-QDQ int8 encoder calibrated on training images.")
-@click.option("--variant-episodes", default=1000, show_default=True,
-              help="5-way 1-shot validation episodes each variant's accuracy is compared with fp32's on.")
-@click.option("--force-variant", is_flag=True,
-              help="Keep a variant that loses more than 1 point of accuracy or exceeds its parity tolerance.")
+@click.option(
+    "--variant-episodes",
+    default=1000,
+    show_default=True,
+    help="5-way 1-shot validation episodes each variant's accuracy is compared with fp32's on.",
+)
+@click.option(
+    "--force-variant",
+    is_flag=True,
+    help="Keep a variant that loses more than 1 point of accuracy or exceeds its parity tolerance.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the bundle's manifest as JSON.")
 @reports_input_errors
-def export(checkpoint: str, out: str, overwrite: bool, calibration_episodes: int, target_false_reject: float,
-           tolerance: float, seed: int, fp16: bool, int8: bool, variant_episodes: int, force_variant: bool,
-           as_json: bool) -> None:
+def export(
+    checkpoint: str,
+    out: str,
+    overwrite: bool,
+    calibration_episodes: int,
+    target_false_reject: float,
+    tolerance: float,
+    seed: int,
+    fp16: bool,
+    int8: bool,
+    variant_episodes: int,
+    force_variant: bool,
+    as_json: bool,
+) -> None:
     """Export a checkpoint as a bundle: ONNX encoder, parity check, calibration, manifest.
 
     \b
@@ -42,10 +70,18 @@ def export(checkpoint: str, out: str, overwrite: bool, calibration_episodes: int
     from fewshot_edge.export import ParityError, export_bundle
 
     try:
-        bundle = export_bundle(checkpoint, out, overwrite=overwrite, calibration_episodes=calibration_episodes,
-                               target_false_reject=target_false_reject, tolerance=tolerance, seed=seed,
-                               precisions=[p for p, wanted in (("fp16", fp16), ("int8", int8)) if wanted],
-                               variant_episodes=variant_episodes, force_variants=force_variant)
+        bundle = export_bundle(
+            checkpoint,
+            out,
+            overwrite=overwrite,
+            calibration_episodes=calibration_episodes,
+            target_false_reject=target_false_reject,
+            tolerance=tolerance,
+            seed=seed,
+            precisions=[p for p, wanted in (("fp16", fp16), ("int8", int8)) if wanted],
+            variant_episodes=variant_episodes,
+            force_variants=force_variant,
+        )
     except ParityError as exc:
         raise click.ClickException(str(exc)) from None
     manifest = bundle.manifest
@@ -55,17 +91,23 @@ def export(checkpoint: str, out: str, overwrite: bool, calibration_episodes: int
     parity = manifest.provenance["parity"]
     open_set = manifest.calibration.open_set
     click.echo(f"parity: max |onnx - torch| = {parity['max_abs_diff']:.2g} (tolerance {parity['tolerance']:g})")
-    click.echo(f"calibration: temperature {manifest.calibration.temperature:.4g}; open-set threshold "
-               f"{open_set.threshold:.4g} pooled over shot counts (nearest distance): false reject {100 * open_set.false_reject:.1f}% "
-               f"(target {100 * open_set.target_false_reject:.1f}%), false accept {100 * open_set.false_accept:.1f}%")
-    click.echo("  thresholds by shots (used on the device): "
-               + ", ".join(f"{k}: {t:.4g}" for k, t in open_set.thresholds_by_shots.items()))
+    click.echo(
+        f"calibration: temperature {manifest.calibration.temperature:.4g}; open-set threshold "
+        f"{open_set.threshold:.4g} pooled over shot counts (nearest distance): false reject {100 * open_set.false_reject:.1f}% "
+        f"(target {100 * open_set.target_false_reject:.1f}%), false accept {100 * open_set.false_accept:.1f}%"
+    )
+    click.echo(
+        "  thresholds by shots (used on the device): "
+        + ", ".join(f"{k}: {t:.4g}" for k, t in open_set.thresholds_by_shots.items())
+    )
     click.echo(f"  fitted on {open_set.fitted_on}")
     for precision, v in manifest.variants.items():
         figures = f"{precision}: accuracy {100 * v['accuracy']:.2f}% +- {100 * v['ci95']:.2f}"
         if "delta" in v:
-            figures += (f", {100 * v['delta']:+.2f} points vs fp32 (+- {100 * v['delta_ci95']:.2f}),"
-                        f" max embedding difference {100 * v['parity']['max_rel_diff']:.2g}%")
+            figures += (
+                f", {100 * v['delta']:+.2f} points vs fp32 (+- {100 * v['delta_ci95']:.2f}),"
+                f" max embedding difference {100 * v['parity']['max_rel_diff']:.2g}%"
+            )
         click.echo(f"variant {figures}")
     if manifest.variants:
         click.echo(f"  on {manifest.variants['fp32']['episodes']}")

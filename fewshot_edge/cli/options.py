@@ -16,9 +16,11 @@ from .common import InputError
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 bundle_option: Decorator = click.option(
-    "--bundle", metavar="DIR", help="Bundle folder (manifest.json + ONNX) [the pretrained Omniglot Conv-4].")
+    "--bundle", metavar="DIR", help="Bundle folder (manifest.json + ONNX) [the pretrained Omniglot Conv-4]."
+)
 engine_dir_option: Decorator = click.option(
-    "--engine-dir", "engines", metavar="DIR", help="Where TensorRT engines are cached [BUNDLE/engines if writable].")
+    "--engine-dir", "engines", metavar="DIR", help="Where TensorRT engines are cached [BUNDLE/engines if writable]."
+)
 
 
 def _apply(func: Callable[..., Any], options: list[Decorator]) -> Callable[..., Any]:
@@ -30,32 +32,67 @@ def _apply(func: Callable[..., Any], options: list[Decorator]) -> Callable[..., 
 
 def store_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add --bundle, --store and --reembed, the options of every command that opens a store."""
-    return _apply(func, [
-        bundle_option,
-        click.option("--store", required=True, metavar="FILE", help="Enrollment store, a SQLite file (enroll creates it)."),
-        click.option("--reembed", is_flag=True,
-                     help="The store was enrolled with another model: re-embed its stored shots with this "
-                          "bundle's model, keeping every class (the model update path)."),
-    ])
+    return _apply(
+        func,
+        [
+            bundle_option,
+            click.option(
+                "--store", required=True, metavar="FILE", help="Enrollment store, a SQLite file (enroll creates it)."
+            ),
+            click.option(
+                "--reembed",
+                is_flag=True,
+                help="The store was enrolled with another model: re-embed its stored shots with this "
+                "bundle's model, keeping every class (the model update path).",
+            ),
+        ],
+    )
 
 
 def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add --precision, --backend, --provider and --engine-dir; the command gets them as one ``engine``
     dict of ``FewShotModel.open`` arguments."""
+
     @functools.wraps(func)
-    def wrapper(*args: Any, precision: str, backend: str, provider: tuple[str, ...], engines: str | None,
-                **kwargs: Any) -> Any:
+    def wrapper(
+        *args: Any, precision: str, backend: str, provider: tuple[str, ...], engines: str | None, **kwargs: Any
+    ) -> Any:
         if provider and backend != AUTO:
             raise InputError("give --backend or --provider, not both")
-        return func(*args, engine={"precision": precision, "backend": backend, "providers": list(provider) or None,
-                                   "engines": engines}, **kwargs)
+        return func(
+            *args,
+            engine={
+                "precision": precision,
+                "backend": backend,
+                "providers": list(provider) or None,
+                "engines": engines,
+            },
+            **kwargs,
+        )
 
-    return _apply(wrapper, [
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-                     help="Encoder precision: fp32, or a variant the bundle has (export --fp16/--int8)."),
-        click.option("--backend", type=click.Choice((AUTO, *BACKENDS)), default=AUTO, show_default=True,
-                     help="Where the encoder runs; auto = the best this machine can (see fewshot-edge info)."),
-        click.option("--provider", multiple=True, metavar="NAME",
-                     help="Exactly these onnxruntime execution providers, in order (repeatable); instead of --backend."),
-        engine_dir_option,
-    ])
+    return _apply(
+        wrapper,
+        [
+            click.option(
+                "--precision",
+                type=click.Choice(PRECISIONS),
+                default="fp32",
+                show_default=True,
+                help="Encoder precision: fp32, or a variant the bundle has (export --fp16/--int8).",
+            ),
+            click.option(
+                "--backend",
+                type=click.Choice((AUTO, *BACKENDS)),
+                default=AUTO,
+                show_default=True,
+                help="Where the encoder runs; auto = the best this machine can (see fewshot-edge info).",
+            ),
+            click.option(
+                "--provider",
+                multiple=True,
+                metavar="NAME",
+                help="Exactly these onnxruntime execution providers, in order (repeatable); instead of --backend.",
+            ),
+            engine_dir_option,
+        ],
+    )

@@ -65,12 +65,15 @@ class TrainCommand(click.Command):
             for name, method in methods.items():
                 formatter.write_text(f"{name}: {(method.__doc__ or '').strip().splitlines()[0]}")
                 with formatter.indentation():
-                    formatter.write_dl([(f"{o.name}={json.dumps(o.default)}", o.help) for o in method.declared_options()])
+                    formatter.write_dl(
+                        [(f"{o.name}={json.dumps(o.default)}", o.help) for o in method.declared_options()]
+                    )
         super().format_epilog(ctx, formatter)
 
 
-def data_options(image_size: int | None, channels: int | None, rotations: bool | None,
-                 max_per_class: int | None) -> dict[str, Any]:
+def data_options(
+    image_size: int | None, channels: int | None, rotations: bool | None, max_per_class: int | None
+) -> dict[str, Any]:
     """The loader options the user set (unset ones keep the loader's defaults)."""
     given = {"size": image_size, "channels": channels, "rotations": rotations, "max_per_class": max_per_class}
     return {k: v for k, v in given.items() if v is not None}
@@ -92,7 +95,11 @@ def method_options(method: str, metric: str | None, pairs: Sequence[str]) -> dic
         if key not in defaults:
             raise InputError(f"method {method!r} has no option {key!r} (it takes: {', '.join(defaults) or 'none'})")
         expected = _kind(defaults[key])
-        if expected is not None and _kind(value) != expected and not (expected == "number" and _kind(value) == "whole number"):
+        if (
+            expected is not None
+            and _kind(value) != expected
+            and not (expected == "number" and _kind(value) == "whole number")
+        ):
             raise InputError(f"method {method!r} option {key!r} takes a {expected}, got {value!r}")
     return options
 
@@ -109,26 +116,61 @@ def _kind(value: Any) -> str | None:
 
 
 @main.command(cls=TrainCommand)
-@click.option("--data", "data_kind", type=RegistryChoice(_data_kinds, "data set kind"), default="omniglot", show_default=True,
-              help="omniglot: the official zips or unpacked tree; folders: a folder or zip per set, a subfolder per class.")
-@click.option("--source", "sources", multiple=True, required=True, type=click.Path(exists=True, dir_okay=True),
-              help="Training data (repeat for several zips/folders, e.g. the three miniImageNet shards).")
-@click.option("--val-source", "val_sources", multiple=True, type=click.Path(exists=True),
-              help="Validation data; without it, --holdout groups of the training data are held out.")
-@click.option("--holdout", default=5, show_default=True, help="Groups (Omniglot alphabets, or classes) held out for validation.")
+@click.option(
+    "--data",
+    "data_kind",
+    type=RegistryChoice(_data_kinds, "data set kind"),
+    default="omniglot",
+    show_default=True,
+    help="omniglot: the official zips or unpacked tree; folders: a folder or zip per set, a subfolder per class.",
+)
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=True),
+    help="Training data (repeat for several zips/folders, e.g. the three miniImageNet shards).",
+)
+@click.option(
+    "--val-source",
+    "val_sources",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Validation data; without it, --holdout groups of the training data are held out.",
+)
+@click.option(
+    "--holdout", default=5, show_default=True, help="Groups (Omniglot alphabets, or classes) held out for validation."
+)
 @click.option("--holdout-group", "holdout_groups", multiple=True, help="Hold out these groups by name instead.")
 @click.option("--image-size", type=int, help="Resize to this square size [omniglot: 28, folders: 84].")
 @click.option("--channels", type=click.Choice(["1", "3"]), help="folders only: 1 = grayscale, 3 = RGB [3].")
-@click.option("--rotations/--no-rotations", default=None, help="omniglot only: each 90-degree rotation is its own class.")
+@click.option(
+    "--rotations/--no-rotations", default=None, help="omniglot only: each 90-degree rotation is its own class."
+)
 @click.option("--max-per-class", type=int, help="folders only: use the first N images of each class.")
 @click.option("--backbone", type=RegistryChoice(_backbone_names, "backbone"), default="conv4", show_default=True)
-@click.option("--method", type=RegistryChoice(_method_registry, "method"), default="protonet", show_default=True,
-              help="Meta-learning method (see Methods below).")
+@click.option(
+    "--method",
+    type=RegistryChoice(_method_registry, "method"),
+    default="protonet",
+    show_default=True,
+    help="Meta-learning method (see Methods below).",
+)
 @click.option("--metric", type=click.Choice(METRICS), help="Shorthand for -O metric=... (methods that take it).")
-@click.option("--method-option", "-O", "method_option_args", multiple=True, metavar="KEY=VALUE",
-              help="A method option, repeatable; VALUE is JSON (numbers, true/false) or else text (see Methods below).")
-@click.option("--init-from", type=click.Path(exists=True, dir_okay=False),
-              help="Start the backbone from this checkpoint's (e.g. a trained ProtoNet for film).")
+@click.option(
+    "--method-option",
+    "-O",
+    "method_option_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A method option, repeatable; VALUE is JSON (numbers, true/false) or else text (see Methods below).",
+)
+@click.option(
+    "--init-from",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Start the backbone from this checkpoint's (e.g. a trained ProtoNet for film).",
+)
 @click.option("--way", default=60, show_default=True, help="Training episodes: classes per episode.")
 @click.option("--shot", default=5, show_default=True, help="Training episodes: support images per class.")
 @click.option("--query", default=5, show_default=True, help="Training episodes: query images per class.")
@@ -143,24 +185,64 @@ def _kind(value: Any) -> str | None:
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
-@click.option("--amp/--no-amp", default=True, show_default=True,
-              help="bfloat16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16/AMX).")
-@click.option("--compile", "compile_model", is_flag=True,
-              help="torch.compile the backbone (CUDA graphs on GPU); costs a minute of compiling first.")
+@click.option(
+    "--amp/--no-amp",
+    default=True,
+    show_default=True,
+    help="bfloat16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16/AMX).",
+)
+@click.option(
+    "--compile",
+    "compile_model",
+    is_flag=True,
+    help="torch.compile the backbone (CUDA graphs on GPU); costs a minute of compiling first.",
+)
 @click.option("--out", default="runs/protonet", show_default=True, type=click.Path(file_okay=False))
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-              help="Start from a saved config.json; options given on the command line are ignored.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Start from a saved config.json; options given on the command line are ignored.",
+)
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), help="Continue from a run's last.pt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
 @reports_input_errors
-def train(data_kind: str, sources: tuple[str, ...], val_sources: tuple[str, ...], holdout: int,
-          holdout_groups: tuple[str, ...], image_size: int | None, channels: str | None, rotations: bool | None,
-          max_per_class: int | None, backbone: str, method: str, metric: str | None, method_option_args: tuple[str, ...],
-          init_from: str | None,
-          way: int, shot: int, query: int,
-          val_way: int, val_shot: int, val_query: int, val_episodes: int, val_every: int, episodes: int,
-          time_limit: float | None, lr: float, schedule: str, seed: int, device: str, amp: bool, compile_model: bool, out: str,
-          config_file: str | None, resume: str | None, as_json: bool) -> None:
+def train(
+    data_kind: str,
+    sources: tuple[str, ...],
+    val_sources: tuple[str, ...],
+    holdout: int,
+    holdout_groups: tuple[str, ...],
+    image_size: int | None,
+    channels: str | None,
+    rotations: bool | None,
+    max_per_class: int | None,
+    backbone: str,
+    method: str,
+    metric: str | None,
+    method_option_args: tuple[str, ...],
+    init_from: str | None,
+    way: int,
+    shot: int,
+    query: int,
+    val_way: int,
+    val_shot: int,
+    val_query: int,
+    val_episodes: int,
+    val_every: int,
+    episodes: int,
+    time_limit: float | None,
+    lr: float,
+    schedule: str,
+    seed: int,
+    device: str,
+    amp: bool,
+    compile_model: bool,
+    out: str,
+    config_file: str | None,
+    resume: str | None,
+    as_json: bool,
+) -> None:
     """Meta-train a few-shot model; validates on held-out classes with 95% CIs.
 
     \b
@@ -179,32 +261,60 @@ def train(data_kind: str, sources: tuple[str, ...], val_sources: tuple[str, ...]
         config = TrainConfig.from_dict(json.loads(Path(config_file).read_text()))
     else:
         config = TrainConfig(
-            data=data_kind, sources=[str(Path(s).resolve()) for s in sources],
+            data=data_kind,
+            sources=[str(Path(s).resolve()) for s in sources],
             data_options=data_options(image_size, int(channels) if channels else None, rotations, max_per_class),
-            holdout=holdout, holdout_groups=list(holdout_groups),
+            holdout=holdout,
+            holdout_groups=list(holdout_groups),
             val_sources=[str(Path(s).resolve()) for s in val_sources],
-            backbone=backbone, method=method, method_options=method_options(method, metric, method_option_args),
+            backbone=backbone,
+            method=method,
+            method_options=method_options(method, metric, method_option_args),
             init_from=str(Path(init_from).resolve()) if init_from else None,
-            n_way=way, k_shot=shot, q_query=query, val_way=val_way, val_shot=val_shot, val_query=val_query,
-            val_episodes=val_episodes, val_every=val_every, episodes=episodes, time_limit=time_limit,
-            lr=lr, schedule=schedule, amp=amp, compile=compile_model, seed=seed, device=device, out=out)
+            n_way=way,
+            k_shot=shot,
+            q_query=query,
+            val_way=val_way,
+            val_shot=val_shot,
+            val_query=val_query,
+            val_episodes=val_episodes,
+            val_every=val_every,
+            episodes=episodes,
+            time_limit=time_limit,
+            lr=lr,
+            schedule=schedule,
+            amp=amp,
+            compile=compile_model,
+            seed=seed,
+            device=device,
+            out=out,
+        )
     metrics = run_training(config, resume=resume)
     best = metrics["best"]
     if as_json:
         emit_json(metrics)
         return
-    click.echo(f"trained {metrics['episodes']} episodes in {metrics['elapsed_s']} s "
-               f"({metrics['episodes_per_s']} episodes/s on {metrics['device']})")
-    click.echo(f"best validation {best['n_way']}-way {best['k_shot']}-shot: {100 * best['accuracy']:.2f}% "
-               f"+- {100 * best['ci95']:.2f} at episode {best['episode']}")
+    click.echo(
+        f"trained {metrics['episodes']} episodes in {metrics['elapsed_s']} s "
+        f"({metrics['episodes_per_s']} episodes/s on {metrics['device']})"
+    )
+    click.echo(
+        f"best validation {best['n_way']}-way {best['k_shot']}-shot: {100 * best['accuracy']:.2f}% "
+        f"+- {100 * best['ci95']:.2f} at episode {best['episode']}"
+    )
     click.echo(f"checkpoint: {Path(config.out) / 'best.pt'}")
 
 
 @main.command(name="eval")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--source", "sources", multiple=True, type=click.Path(exists=True),
-              help="Evaluate on every class of these sources (e.g. images_evaluation.zip; Omniglot "
-                   "characters upright) instead of the run's held-out validation classes.")
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Evaluate on every class of these sources (e.g. images_evaluation.zip; Omniglot "
+    "characters upright) instead of the run's held-out validation classes.",
+)
 @click.option("--way", default=5, show_default=True)
 @click.option("--shot", default=1, show_default=True)
 @click.option("--query", default=15, show_default=True)
@@ -213,8 +323,17 @@ def train(data_kind: str, sources: tuple[str, ...], val_sources: tuple[str, ...]
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @reports_input_errors
-def evaluate(checkpoint: str, sources: tuple[str, ...], way: int, shot: int, query: int, episodes: int,
-             seed: int, device: str, as_json: bool) -> None:
+def evaluate(
+    checkpoint: str,
+    sources: tuple[str, ...],
+    way: int,
+    shot: int,
+    query: int,
+    episodes: int,
+    seed: int,
+    device: str,
+    as_json: bool,
+) -> None:
     """N-way K-shot accuracy with a 95% CI of a checkpoint.
 
     \b

@@ -10,6 +10,13 @@ from .omniglot import load_omniglot
 from .splits import load_splits, split_by_group, split_classes
 
 __all__ = [
-    "FewShotDataset", "LOADERS", "download_omniglot", "load_dataset", "load_image_folders",
-    "load_omniglot", "load_splits", "split_by_group", "split_classes",
+    "FewShotDataset",
+    "LOADERS",
+    "download_omniglot",
+    "load_dataset",
+    "load_image_folders",
+    "load_omniglot",
+    "load_splits",
+    "split_by_group",
+    "split_classes",
 ]

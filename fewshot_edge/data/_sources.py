@@ -103,7 +103,7 @@ def collect(trees: Sequence[_Tree], depth: int) -> Classes:
             if len(parts) < depth + 1:
                 layout = "/".join(["<class>"] * depth + ["<file>"])
                 raise FewShotInputError(f"{tree.path}: {name} is not in the layout {layout}")
-            key = tuple(parts[-depth - 1:-1])
+            key = tuple(parts[-depth - 1 : -1])
             where = f"{tree.path}/{'/'.join(parts[:-1])}"
             if origin.setdefault(key, where) != where:
                 raise FewShotInputError(f"duplicate class {'/'.join(key)!r}: in {origin[key]} and {where}")
@@ -111,8 +111,9 @@ def collect(trees: Sequence[_Tree], depth: int) -> Classes:
     return {key: sorted(classes[key], key=lambda f: f[1]) for key in sorted(classes)}
 
 
-def decode(classes: Classes, spec: InputSpec, *, cache: bool, cache_dir: PathLike | None,
-           desc: str, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def decode(
+    classes: Classes, spec: InputSpec, *, cache: bool, cache_dir: PathLike | None, desc: str, workers: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """All files through ``to_pixels``, class after class: images (N, C, H, W) uint8, labels (N,).
 
     ``workers`` decoding threads (default: one per CPU); cached unless ``cache`` is False.
@@ -134,14 +135,15 @@ def _decode_files(files: list[File], spec: InputSpec, desc: str, workers: int) -
     out = np.empty((len(files), spec.channels, spec.height, spec.width), dtype=np.uint8)
 
     def work(start: int) -> int:
-        chunk = files[start:start + _CHUNK]
+        chunk = files[start : start + _CHUNK]
         for i, (tree, name) in enumerate(chunk, start):
             out[i] = to_pixels(decode_image(tree.read(name), f"{tree.path}/{name}"), spec)
         return len(chunk)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-        total=len(files), desc=desc, unit="img", disable=not sys.stderr.isatty()
-    ) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(files), desc=desc, unit="img", disable=not sys.stderr.isatty()) as bar,
+    ):
         for n in pool.map(work, range(0, len(files), _CHUNK)):
             bar.update(n)
     return out
@@ -153,12 +155,16 @@ def default_cache_dir() -> Path:
 
 def _cache_path(classes: Classes, spec: InputSpec, cache_dir: PathLike | None) -> Path:
     trees = {id(t): t for files in classes.values() for t, _ in files}.values()
-    digest = hashlib.sha256(json.dumps({
-        "format": _CACHE_FORMAT,
-        "spec": spec.to_dict(),
-        "sources": [t.fingerprint for t in trees],
-        "files": [[t.path.as_posix(), n] for files in classes.values() for t, n in files],
-    }).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "format": _CACHE_FORMAT,
+                "spec": spec.to_dict(),
+                "sources": [t.fingerprint for t in trees],
+                "files": [[t.path.as_posix(), n] for files in classes.values() for t, n in files],
+            }
+        ).encode()
+    ).hexdigest()
     return Path(cache_dir or default_cache_dir()) / f"images-{digest[:24]}.npz"
 
 

@@ -39,10 +39,17 @@ def download_omniglot(
 def _fetch(url: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f, tqdm(
-            total=int(response.headers.get("Content-Length") or 0) or None, desc=path.name,
-            unit="B", unit_scale=True, disable=not sys.stderr.isatty(),
-        ) as bar:
+        with (
+            urllib.request.urlopen(url, timeout=60) as response,
+            open(tmp, "wb") as f,
+            tqdm(
+                total=int(response.headers.get("Content-Length") or 0) or None,
+                desc=path.name,
+                unit="B",
+                unit_scale=True,
+                disable=not sys.stderr.isatty(),
+            ) as bar,
+        ):
             while chunk := response.read(1 << 16):
                 f.write(chunk)
                 bar.update(len(chunk))

@@ -35,7 +35,9 @@ def load_image_folders(
         raise FewShotInputError(f"max_per_class must be positive, got {max_per_class}")
     rgb = channels == 3
     spec = InputSpec(
-        channels=channels, height=size, width=size,
+        channels=channels,
+        height=size,
+        width=size,
         mean=tuple(mean) if mean is not None else (IMAGENET_MEAN if rgb else (0.0,)),
         std=tuple(std) if std is not None else (IMAGENET_STD if rgb else (1.0,)),
     )
@@ -50,6 +52,10 @@ def load_image_folders(
         paths = [str(t.path) for t in trees]
     names = [key[0] for key in classes]
     return FewShotDataset(
-        images=images, labels=labels, classes=names, groups=list(names), spec=spec,
+        images=images,
+        labels=labels,
+        classes=names,
+        groups=list(names),
+        spec=spec,
         source={"loader": "folders", "sources": paths, "size": size, "max_per_class": max_per_class},
     )

@@ -34,8 +34,7 @@ def load_omniglot(
         classes = collect(trees, depth=2)
         # One thread: these tiny PNGs spend most time in Python, and on 2 cores two threads
         # decoding them ran 1.7x slower than one (GIL hand-offs); photos do gain from threads.
-        images, labels = decode(classes, spec, cache=cache, cache_dir=cache_dir, desc="omniglot",
-                                workers=1)
+        images, labels = decode(classes, spec, cache=cache, cache_dir=cache_dir, desc="omniglot", workers=1)
         paths = [str(t.path) for t in trees]
     names = ["/".join(key) for key in classes]
     groups = [key[0] for key in classes]
@@ -44,7 +43,11 @@ def load_omniglot(
         names = [f"{name}/rot{angle}" for name in names for angle in ROTATIONS]
         groups = [group for group in groups for _ in ROTATIONS]
     return FewShotDataset(
-        images=images, labels=labels, classes=names, groups=groups, spec=spec,
+        images=images,
+        labels=labels,
+        classes=names,
+        groups=groups,
+        spec=spec,
         source={"loader": "omniglot", "sources": paths, "size": size, "rotations": rotations},
     )
 

@@ -22,9 +22,7 @@ def split_by_group(
     return _partition(ds, [g in held for g in ds.groups])
 
 
-def split_classes(
-    ds: FewShotDataset, holdout: int | float, seed: int = 0
-) -> tuple[FewShotDataset, FewShotDataset]:
+def split_classes(ds: FewShotDataset, holdout: int | float, seed: int = 0) -> tuple[FewShotDataset, FewShotDataset]:
     """(train, held-out), holding out a count or fraction of classes, ignoring groups.
 
     For rotated Omniglot use ``split_by_group``: this may put rotations of one character on both sides.

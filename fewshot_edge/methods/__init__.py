@@ -20,5 +20,13 @@ def create_method(name: str, backbone: Backbone, **options: Any) -> FewShotMetho
     return METHODS[name](backbone, **options)
 
 
-__all__ = ["ANIL", "METHODS", "FewShotMethod", "FiLMProtoNet", "MethodOption", "ProtoNet", "create_method",
-           "register_method"]
+__all__ = [
+    "ANIL",
+    "METHODS",
+    "FewShotMethod",
+    "FiLMProtoNet",
+    "MethodOption",
+    "ProtoNet",
+    "create_method",
+    "register_method",
+]

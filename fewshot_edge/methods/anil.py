@@ -46,8 +46,15 @@ def inner_loss(head: Head, start: Head, x: torch.Tensor, y: torch.Tensor, l2: fl
     return len(head["bias"]) * F.cross_entropy(head_logits(head, x), y) + 0.5 * l2 * penalty
 
 
-def adapt_head(start: Head, x: torch.Tensor, y: torch.Tensor, lr_weight: torch.Tensor, lr_bias: torch.Tensor,
-               l2: float, first_order: bool = False) -> Head:
+def adapt_head(
+    start: Head,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr_weight: torch.Tensor,
+    lr_bias: torch.Tensor,
+    l2: float,
+    first_order: bool = False,
+) -> Head:
     """Run the inner loop: one step per row of ``lr_weight`` (steps, 1 or D) and entry of ``lr_bias`` (steps,)."""
     step_grad = grad(inner_loss)
     anchor = {k: v.detach() for k, v in start.items()} if first_order else start
@@ -74,32 +81,52 @@ class ANIL(FewShotMethod):
         "learn_step_sizes": "meta-learn the step sizes (else keep step_size)",
     }
 
-    def __init__(self, backbone: Backbone, inner_steps: int = 5, step_size: float = 0.001, per_parameter: bool = False,
-                 first_order: bool = False, inner_l2: float = 0.0, learn_step_sizes: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        inner_steps: int = 5,
+        step_size: float = 0.001,
+        per_parameter: bool = False,
+        first_order: bool = False,
+        inner_l2: float = 0.0,
+        learn_step_sizes: bool = True,
+    ) -> None:
         if inner_steps < 0:
             raise FewShotInputError(f"inner_steps must be 0 or more, got {inner_steps}")
         if inner_l2 < 0:
             raise FewShotInputError(f"inner_l2 must be 0 or more, got {inner_l2}")
-        super().__init__(backbone, inner_steps=inner_steps, step_size=step_size, per_parameter=per_parameter,
-                         first_order=first_order, inner_l2=inner_l2, learn_step_sizes=learn_step_sizes)
+        super().__init__(
+            backbone,
+            inner_steps=inner_steps,
+            step_size=step_size,
+            per_parameter=per_parameter,
+            first_order=first_order,
+            inner_l2=inner_l2,
+            learn_step_sizes=learn_step_sizes,
+        )
         self.first_order = first_order
         self.inner_l2 = inner_l2
         width = backbone.out_dim if per_parameter else 1
-        self.lr_weight = nn.Parameter(torch.full((inner_steps, width), float(step_size)), requires_grad=learn_step_sizes)
+        self.lr_weight = nn.Parameter(
+            torch.full((inner_steps, width), float(step_size)), requires_grad=learn_step_sizes
+        )
         self.lr_bias = nn.Parameter(torch.full((inner_steps,), float(step_size)), requires_grad=learn_step_sizes)
 
     def adapted_head(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> Head:
         """The head after the inner loop on support embeddings (float32, outside autocast)."""
         with torch.autocast(support.device.type, enabled=False):
             start = prototype_head(prototypes(support, support_labels, n_way))
-            return adapt_head(start, support, support_labels, self.lr_weight, self.lr_bias, self.inner_l2, self.first_order)
+            return adapt_head(
+                start, support, support_labels, self.lr_weight, self.lr_bias, self.inner_l2, self.first_order
+            )
 
-    def logits(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
-               n_way: int) -> torch.Tensor:
+    def logits(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
+    ) -> torch.Tensor:
         emb = self.embed(torch.cat([support, query])).float()
         head = self.adapted_head(emb[: len(support)], support_labels, n_way)
         with torch.autocast(query.device.type, enabled=False):
-            return head_logits(head, emb[len(support):])
+            return head_logits(head, emb[len(support) :])
 
     def export_info(self) -> dict[str, Any]:
         finetune = {

@@ -51,14 +51,18 @@ class FewShotMethod(nn.Module):
     def declared_options(cls) -> list[MethodOption]:
         """The constructor's keyword options after ``backbone``, with their defaults and help."""
         parameters = list(inspect.signature(cls).parameters.values())[1:]
-        return [MethodOption(p.name, p.default, cls.option_help.get(p.name, "")) for p in parameters
-                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        return [
+            MethodOption(p.name, p.default, cls.option_help.get(p.name, ""))
+            for p in parameters
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        ]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
-    def logits(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
-               n_way: int) -> torch.Tensor:
+    def logits(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,10 @@ from .protonet import ProtoNet
 
 def split_film(flat: torch.Tensor, block_channels: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-block (gamma, beta) from the flat layout: for each block, gamma (C) then beta (C)."""
-    return [(chunk[:c], chunk[c:]) for chunk, c in zip(flat.split([2 * c for c in block_channels]), block_channels, strict=True)]
+    return [
+        (chunk[:c], chunk[c:])
+        for chunk, c in zip(flat.split([2 * c for c in block_channels]), block_channels, strict=True)
+    ]
 
 
 def film_penalty(film: FiLM) -> torch.Tensor:
@@ -41,7 +44,8 @@ class TaskContext(nn.Module):
         self.task_dim = task_dim
         self.encoder = nn.Sequential(*[ConvBlock(in_channels if i == 0 else task_dim, task_dim) for i in range(3)])
         self.generators = nn.ModuleList(
-            nn.Sequential(nn.Linear(task_dim, task_dim), nn.ReLU(), nn.Linear(task_dim, 2 * c)) for c in block_channels)
+            nn.Sequential(nn.Linear(task_dim, task_dim), nn.ReLU(), nn.Linear(task_dim, 2 * c)) for c in block_channels
+        )
         for generator in self.generators:  # zero offsets: gamma = 1, beta = 0 exactly at the start
             nn.init.zeros_(generator[-1].weight)
             nn.init.zeros_(generator[-1].bias)
@@ -82,8 +86,14 @@ class FiLMProtoNet(ProtoNet):
         "freeze_backbone": "train only the context (and the cosine scale); the backbone's BatchNorm stays in eval mode",
     }
 
-    def __init__(self, backbone: Backbone, metric: str = "sqeuclidean", task_dim: int = 64, film_l2: float = 1e-3,
-                 freeze_backbone: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        metric: str = "sqeuclidean",
+        task_dim: int = 64,
+        film_l2: float = 1e-3,
+        freeze_backbone: bool = False,
+    ) -> None:
         super().__init__(backbone, metric=metric, task_dim=task_dim, film_l2=film_l2, freeze_backbone=freeze_backbone)
         self.context = TaskContext(_first_conv_channels(backbone), backbone.block_channels, task_dim)
         self.film_l2 = film_l2
@@ -100,12 +110,18 @@ class FiLMProtoNet(ProtoNet):
     def embed(self, images: torch.Tensor, film: FiLM | None = None) -> torch.Tensor:
         return self.backbone(images, film=film)
 
-    def logits(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int,
-               film: FiLM | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        support: torch.Tensor,
+        support_labels: torch.Tensor,
+        query: torch.Tensor,
+        n_way: int,
+        film: FiLM | None = None,
+    ) -> torch.Tensor:
         """ProtoNet logits with support and queries embedded under ``film`` (default: the support's context)."""
         film = self.context(support) if film is None else film
         emb = self.embed(torch.cat([support, query]), film).float()
-        return self.logits_from_embeddings(emb[: len(support)], support_labels, emb[len(support):], n_way)
+        return self.logits_from_embeddings(emb[: len(support)], support_labels, emb[len(support) :], n_way)
 
     def loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Query cross-entropy plus ``film_l2`` times the FiLM penalty, and the episode accuracy."""
@@ -115,6 +131,10 @@ class FiLMProtoNet(ProtoNet):
         return loss + self.film_l2 * film_penalty(film), acc
 
     def export_info(self) -> dict[str, Any]:
-        film = {"blocks": self.context.block_channels, "task_dim": self.context.task_dim,
-                "context": "mean over support images", "layout": "per block: gamma (C) then beta (C)"}
+        film = {
+            "blocks": self.context.block_channels,
+            "task_dim": self.context.task_dim,
+            "context": "mean over support images",
+            "layout": "per block: gamma (C) then beta (C)",
+        }
         return {**super().export_info(), "modes": {"film": film}}

@@ -43,14 +43,16 @@ class ProtoNet(FewShotMethod):
         self.metric = metric
         self.scale = nn.Parameter(torch.tensor(10.0)) if metric == "cosine" else None
 
-    def logits(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
-               n_way: int) -> torch.Tensor:
+    def logits(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
+    ) -> torch.Tensor:
         emb = self.embed(torch.cat([support, query])).float()
-        s, q = emb[: len(support)], emb[len(support):]
+        s, q = emb[: len(support)], emb[len(support) :]
         return self.logits_from_embeddings(s, support_labels, q, n_way)
 
-    def logits_from_embeddings(self, support: torch.Tensor, support_labels: torch.Tensor,
-                               query: torch.Tensor, n_way: int) -> torch.Tensor:
+    def logits_from_embeddings(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
+    ) -> torch.Tensor:
         protos = prototypes(support, support_labels, n_way)
         if self.metric == "cosine":
             return self.scale * F.normalize(query, dim=-1) @ F.normalize(protos, dim=-1).T

@@ -17,5 +17,7 @@ def default_bundle() -> Path:
     """
     path = Path(str(resources.files(__name__) / DEFAULT_BUNDLE))
     if not (path / "manifest.json").is_file():
-        raise FewShotInputError(f"the pretrained bundle is not installed (no {path / 'manifest.json'}); pass a bundle folder with --bundle")
+        raise FewShotInputError(
+            f"the pretrained bundle is not installed (no {path / 'manifest.json'}); pass a bundle folder with --bundle"
+        )
     return path
