@@ -150,16 +150,16 @@ def _adaptation(method: FewShotMethod, info: dict[str, Any]) -> Adaptation:
     """The method's modes and default (its first mode). A FiLM method's film mode also records the
     graphs' FiLM size, input names and identity FiLM; its prototype mode runs the encoder under that
     identity (the unconditioned backbone, no context)."""
-    if not has_film(method):
-        return Adaptation(default=next(iter(info["modes"])), modes=info["modes"])
-    film = {
-        **info["modes"]["film"],
-        "film_size": int(method.context.identity.numel()),
-        "context_input": INPUT_NAME,
-        "film_input": FILM_NAME,
-        "identity": method.context.identity.tolist(),
-    }
-    return Adaptation(default="film", modes={**info["modes"], "film": film, "prototype": {}})
+    if has_film(method):
+        film = {
+            **info["modes"]["film"],
+            "film_size": int(method.context.identity.numel()),
+            "context_input": INPUT_NAME,
+            "film_input": FILM_NAME,
+            "identity": method.context.identity.tolist(),
+        }
+        return Adaptation(default="film", modes={**info["modes"], "film": film, "prototype": {}})
+    return Adaptation(default=next(iter(info["modes"])), modes=info["modes"])
 
 
 def _provenance(

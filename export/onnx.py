@@ -15,12 +15,13 @@ import copy
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeGuard, TypeVar
 
 import onnx
 import torch
 from torch import nn
 
-from fewshot_edge.methods import FewShotMethod
+from fewshot_edge.methods import FewShotMethod, FiLMProtoNet
 from fewshot_edge.methods.film import split_film
 from fewshot_edge.runtime.errors import FewShotInputError
 from fewshot_edge.runtime.preprocess import InputSpec
@@ -29,11 +30,12 @@ OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 FILM_NAME = "film"  # the context's output and the FiLM encoder's second input
+M = TypeVar("M", bound=FewShotMethod)
 
 
-def has_film(method: FewShotMethod) -> bool:
+def has_film(method: FewShotMethod) -> TypeGuard[FiLMProtoNet]:
     """Whether the method conditions its encoder on a support-set context (FiLM)."""
-    return hasattr(method, "context")
+    return isinstance(method, FiLMProtoNet)
 
 
 class _Embedder(nn.Module):
@@ -43,16 +45,25 @@ class _Embedder(nn.Module):
         super().__init__()
         self.method = method
 
-    def forward(self, images: torch.Tensor, film: torch.Tensor | None = None) -> torch.Tensor:
-        if film is None:
-            return self.method.embed(images)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.method.embed(images)
+
+
+class _FilmEmbedder(nn.Module):
+    """A FiLM method's ``embed`` under a flat FiLM (F,) given as a second input."""
+
+    def __init__(self, method: FiLMProtoNet) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, images: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
         return self.method.embed(images, film=split_film(film, self.method.context.block_channels))
 
 
 class _Context(nn.Module):
     """The method's ``context.flat``: support images (S, C, H, W) -> flat FiLM (F,)."""
 
-    def __init__(self, method: FewShotMethod) -> None:
+    def __init__(self, method: FiLMProtoNet) -> None:
         super().__init__()
         self.context = method.context
 
@@ -69,20 +80,20 @@ def export_onnx(
     Raises ValueError for an opset below 17; the written model passes ``onnx.checker`` (full check).
     """
     copied = _eval_copy(method)
-    example = (_images(spec), *([copied.context.identity.clone()] if film else []))
-    return _export(
-        _Embedder(copied), example, path, opset, [INPUT_NAME, FILM_NAME] if film else [INPUT_NAME], OUTPUT_NAME
-    )
+    if not film:
+        return _export(_Embedder(copied), (_images(spec),), path, opset, [INPUT_NAME], OUTPUT_NAME)
+    if not has_film(copied):
+        raise FewShotInputError(f"a {method.name} method has no FiLM input to export")
+    example = (_images(spec), copied.context.identity.clone())
+    return _export(_FilmEmbedder(copied), example, path, opset, [INPUT_NAME, FILM_NAME], OUTPUT_NAME)
 
 
-def export_context_onnx(
-    method: FewShotMethod, spec: InputSpec, path: str | Path, opset: int = OPSET
-) -> onnx.ModelProto:
+def export_context_onnx(method: FiLMProtoNet, spec: InputSpec, path: str | Path, opset: int = OPSET) -> onnx.ModelProto:
     """Write a FiLM method's context, ``images`` (S, C, H, W) -> ``film`` (F,), to ``path``; as ``export_onnx``."""
     return _export(_Context(_eval_copy(method)), (_images(spec),), path, opset, [INPUT_NAME], FILM_NAME)
 
 
-def _eval_copy(method: FewShotMethod) -> FewShotMethod:
+def _eval_copy(method: M) -> M:
     return copy.deepcopy(method).float().cpu().eval()
 
 

@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewshot_edge.methods import FewShotMethod
+from fewshot_edge.methods import FewShotMethod, FiLMProtoNet
 from fewshot_edge.methods.film import split_film
 from fewshot_edge.runtime import Adapter
 from fewshot_edge.runtime.adapters import FilmAdapter
 from fewshot_edge.runtime.errors import FewShotInputError
 from fewshot_edge.runtime.preprocess import InputSpec, normalize
+
+from .onnx import has_film
 
 BATCH_SIZES = (1, 2, 7, 32)
 RANDOM_FILM_STD = 0.1
@@ -50,7 +52,7 @@ class ParityError(RuntimeError):
     """The ONNX encoder's embeddings differ from PyTorch's by more than the tolerance."""
 
     def __init__(self, report: ParityReport) -> None:
-        worst = max(report.checks, key=report.checks.get, default="no checks")
+        worst = max(report.checks, key=lambda name: report.checks[name], default="no checks")
         super().__init__(
             f"ONNX parity check failed: max |onnx - torch| = {report.max_abs_diff:.3g} on {worst}"
             f" exceeds the tolerance {report.tolerance:g}; no bundle written"
@@ -79,7 +81,9 @@ def check_parity(
     batches = {f"random batch of {n}": rng.integers(0, 256, size=(n, *shape), dtype=np.uint8) for n in batch_sizes}
     if real_pixels is not None and len(real_pixels):
         batches[f"{len(real_pixels)} real images"] = real_pixels
-    runs = _film_runs(method, adapter, rng) if isinstance(adapter, FilmAdapter) else {"": (adapter.embed, method.embed)}
+    runs: dict[str, tuple[OnnxRun, TorchRun]] = {"": (adapter.embed, method.embed)}
+    if isinstance(adapter, FilmAdapter) and has_film(method):
+        runs = _film_runs(method, adapter, rng)
     report = ParityReport(tolerance)
     for name, pixels in batches.items():
         x = normalize(pixels, spec)
@@ -90,14 +94,14 @@ def check_parity(
 
 
 def _film_runs(
-    method: FewShotMethod, adapter: FilmAdapter, rng: np.random.Generator
+    method: FiLMProtoNet, adapter: FilmAdapter, rng: np.random.Generator
 ) -> dict[str, tuple[OnnxRun, TorchRun]]:
     """Check-name prefix -> (ONNX, PyTorch) for the context and the encoder under identity and random FiLM
     (the runtime side under the bundle's identity, PyTorch under the method's)."""
     identity = method.context.identity.detach().float().cpu().numpy()
     random = (identity + rng.normal(0.0, RANDOM_FILM_STD, identity.shape)).astype(np.float32)
 
-    def under(runtime_film: np.ndarray, torch_film: np.ndarray) -> tuple[OnnxRun, TorchRun]:
+    def under(runtime_film: np.ndarray | None, torch_film: np.ndarray) -> tuple[OnnxRun, TorchRun]:
         def torch_run(images: torch.Tensor) -> torch.Tensor:
             return method.embed(
                 images, film=split_film(torch.from_numpy(torch_film).to(images.device), method.context.block_channels)

@@ -189,7 +189,7 @@ class FilmAdapter(PrototypeAdapter):
         self.context = ContextEngine(
             bundle.file("context"), encoder.providers, encoder.threads, self.params.get("context_input")
         )
-        self.film = self.identity
+        self.film: np.ndarray | None = self.identity
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         return self.encoder.embed(batch, self.film)
@@ -201,6 +201,7 @@ class FilmAdapter(PrototypeAdapter):
     def fit(self, shots: Shots, state: Mapping[str, np.ndarray] | None = None) -> None:
         self.film = self.identity
         if len(shots.ids):
+            assert shots.pixels is not None, "the film mode needs_pixels: the store reads them for it"
             images = normalize(shots.pixels, self.bundle.manifest.input_spec)
             self.condition(images)
             shots = dataclasses.replace(shots, embeddings=self.embed(images))

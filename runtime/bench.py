@@ -87,7 +87,7 @@ def run_benchmark(
     ``enroll_runs`` enrollments, and ``child_runs`` predictions in the fresh process; the encoder of
     ``precision`` on ``backend`` (or exactly ``providers``; TensorRT engines cached in ``engines``).
     """
-    opened = {
+    opened: dict[str, Any] = {  # FewShotModel.open's arguments, also sent to the fresh process
         "threads": threads,
         "providers": providers,
         "precision": precision,

@@ -242,6 +242,7 @@ def _reembed(store: EnrollmentStore, adapter: Adapter, bundle: Bundle) -> None:
             " they cannot be re-embedded, enroll the classes again in a new store"
         )
     shots = store.shots(pixels=True)
+    assert shots.pixels is not None
     embeddings = (
         adapter.embed(normalize(shots.pixels, spec))
         if len(shots.ids)

@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -151,7 +151,7 @@ class EnrollmentStore:
         """Keep ``arrays`` under ``key`` as fitted on data_version ``version``; skipped when the shots
         changed since (the state would be stale) or before a re-embed."""
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez(buffer, **cast("dict[str, Any]", arrays))  # numpy's stub types **kwds like allow_pickle
 
         def change(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()[0] == version:
@@ -243,7 +243,7 @@ class EnrollmentStore:
 
         return self._write(change)
 
-    def rebind(self, shot_ids: Sequence[int], embeddings: np.ndarray) -> int:
+    def rebind(self, shot_ids: Sequence[int] | np.ndarray, embeddings: np.ndarray) -> int:
         """Replace every shot's embedding (``shot_ids`` as read by ``shots()``) and bind the store to
         ``model_id``, in one transaction. Fails if the shots changed since they were read."""
         embeddings = _as_embeddings(embeddings)
@@ -393,7 +393,7 @@ def _initialise(conn: sqlite3.Connection, model_id: str) -> str:
     return bound
 
 
-def _class_id(conn: sqlite3.Connection, label: str) -> int:
+def _class_id(conn: sqlite3.Connection, label: object) -> int:
     row = conn.execute(
         "SELECT id FROM classes WHERE label = ?", (label.strip() if isinstance(label, str) else label,)
     ).fetchone()

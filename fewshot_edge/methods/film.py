@@ -38,6 +38,8 @@ def film_penalty(film: FiLM) -> torch.Tensor:
 class TaskContext(nn.Module):
     """Support images -> FiLM for every block: conv encoder, mean over the set, one MLP per block."""
 
+    identity: torch.Tensor  # a buffer: the flat FiLM that leaves every block unchanged
+
     def __init__(self, in_channels: int, block_channels: Sequence[int], task_dim: int = 64) -> None:
         super().__init__()
         self.block_channels = list(block_channels)
