@@ -5,7 +5,7 @@ from .bundle import Adaptation, Bundle, Calibration, EmbeddingSpec, Manifest, Op
 from .engine import ContextEngine, Engine
 from .errors import FewShotInputError
 from .model import FewShotModel, Prediction
-from .preprocess import InputSpec, normalize, preprocess, to_pixels
+from .preprocess import Frame, InputSpec, normalize, preprocess, to_pixels
 from .store import EnrollmentStore, validate_label
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "EnrollmentStore",
     "FewShotInputError",
     "FewShotModel",
+    "Frame",
     "InputSpec",
     "Manifest",
     "OpenSet",

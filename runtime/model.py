@@ -15,7 +15,7 @@ from .backends import open_encoder
 from .bundle import Bundle, open_bundle
 from .engine import Engine
 from .errors import FewShotInputError
-from .preprocess import ImageLike, InputSpec, normalize, preprocess, source_hash, to_pixels
+from .preprocess import Frame, ImageLike, InputSpec, normalize, preprocess, source_hash, to_pixels
 from .store import RESERVED_LABEL, EnrollmentStore, validate_label
 
 Images = ImageLike | Sequence[ImageLike]
@@ -93,7 +93,7 @@ class FewShotModel:
             raise
 
     def enroll(self, label: str, images: Images) -> None:
-        """Enroll a new class from its images (paths, PIL images or arrays), in one transaction."""
+        """Enroll a new class from its images (paths, PIL images, gray arrays or ``Frame``s), in one transaction."""
         self._add(label, images, self.store.add_class)
 
     def add_shots(self, label: str, images: Images) -> None:
@@ -209,8 +209,8 @@ def _mode(bundle: Bundle, asked: str | None, remembered: str | None) -> str:
 
 
 def _as_list(images: Images) -> list[ImageLike]:
-    """One path or PIL image becomes a list of one; a sequence (or an array, along its first axis) a list."""
-    if isinstance(images, (str, Path, Image.Image)):
+    """One path, PIL image or Frame becomes a list of one; a sequence (or an array, along its first axis) a list."""
+    if isinstance(images, (str, Path, Image.Image, Frame)):
         return [images]
     return list(images)
 
