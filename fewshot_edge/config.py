@@ -9,10 +9,18 @@ from typing import Any
 
 from fewshot_edge.runtime.errors import FewShotInputError
 
+STAGES = ("episodic", "pretrain")
+
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on; ``episodes`` and ``time_limit`` (minutes) both bound it."""
+    """Everything a run depends on; ``episodes`` and ``time_limit`` (minutes) both bound it.
+
+    ``stage`` "episodic" meta-trains ``method`` on episodes; "pretrain" trains its backbone with a linear
+    layer over every training class (cross-entropy on ``batch_size`` images, ``augment``ed; SGD with
+    Nesterov momentum), a step being a batch instead of an episode, and checkpoints the method as it is
+    (e.g. a ProtoNet on the pretrained backbone) for ``eval``, ``export`` and a later ``init_from``.
+    """
 
     data: str = "omniglot"
     sources: list[str] = field(default_factory=list)
@@ -24,6 +32,11 @@ class TrainConfig:
     method: str = "protonet"
     method_options: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # a checkpoint whose backbone weights a new run starts from
+    weights: str | None = None  # a timm backbone's starting weights: safetensors or a torch state dict
+    pretrained: bool = False  # a timm backbone starts from its hub's pretrained weights (online)
+    stage: str = "episodic"
+    batch_size: int = 128  # pretrain stage
+    augment: bool = True  # pretrain stage: random resized crop, horizontal flip, colour jitter
     n_way: int = 60
     k_shot: int = 5
     q_query: int = 5
@@ -46,6 +59,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant"):
             raise FewShotInputError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.stage not in STAGES:
+            raise FewShotInputError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         for name in (
             "n_way",
             "k_shot",
@@ -56,9 +71,12 @@ class TrainConfig:
             "val_episodes",
             "val_every",
             "episodes",
+            "batch_size",
         ):
             if getattr(self, name) < 1:
                 raise FewShotInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.init_from and (self.weights or self.pretrained):
+            raise FewShotInputError("start the backbone from --init-from or from --weights/--pretrained, not both")
         if self.time_limit is not None and self.time_limit <= 0:
             raise FewShotInputError(f"time_limit must be positive minutes, got {self.time_limit}")
 

@@ -1,4 +1,8 @@
-"""The training loop, top to bottom: config -> data -> method -> episodes -> checkpoints and metrics."""
+"""The training loop, top to bottom: config -> data -> method -> steps -> checkpoints and metrics.
+
+A step is an episode (the episodic stage) or a batch of augmented images classified over every training
+class (the pretrain stage, ``fewshot_edge.pretrain``); both validate on held-out episodes.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,10 @@ from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.evaluate import EvalResult, evaluate_sampler
 from fewshot_edge.methods import FewShotMethod
+from fewshot_edge.pretrain import BatchSampler, Classifier
 from fewshot_edge.runtime.preprocess import InputSpec
+
+Sampler = EpisodeSampler | BatchSampler
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,9 +117,11 @@ class Checkpoints:
         elapsed: float,
         method: FewShotMethod,
         optimizer: torch.optim.Optimizer,
-        sampler: EpisodeSampler,
+        sampler: Sampler,
+        objective: torch.nn.Module,
     ) -> None:
-        """Add ``result`` to the history, save best.pt when it is the best so far, and always last.pt."""
+        """Add ``result`` to the history, save best.pt when it is the best so far, and always last.pt
+        (with the objective's own state when it holds more than the method, e.g. a classifier head)."""
         self.history.append({"episode": episode, "elapsed_s": round(elapsed, 1), **result.to_dict()})
         if result.accuracy > self.best["accuracy"]:
             self.best.update(result.to_dict(), episode=episode)
@@ -128,6 +137,7 @@ class Checkpoints:
             generator=sampler.generator.get_state(),
             history=self.history,
             best=self.best,
+            **({"objective": objective.state_dict()} if objective is not method else {}),
         )
 
 
@@ -135,6 +145,30 @@ def validate(method: FewShotMethod, val_data: FewShotDataset, config: TrainConfi
     """Accuracy on ``config.val_episodes`` validation episodes, the same episodes every time."""
     sampler = EpisodeSampler(val_data, config.val_way, config.val_shot, config.val_query, config.seed + 1, device)
     return evaluate_sampler(method, sampler, config.val_episodes)
+
+
+def stage(
+    config: TrainConfig, method: FewShotMethod, train_data: FewShotDataset, device: torch.device
+) -> tuple[torch.nn.Module, Sampler, torch.optim.Optimizer]:
+    """What a step trains, what it draws and how it steps: the method on episodes with Adam, or in the
+    pretrain stage a linear classifier over the training classes on augmented batches with SGD."""
+    fused = device.type == "cuda"
+    if config.stage == "pretrain":
+        objective = Classifier(method, train_data.num_classes).to(device)
+        sampler = BatchSampler(train_data, config.batch_size, config.seed, device, config.augment)
+        return (
+            objective,
+            sampler,
+            torch.optim.SGD(
+                objective.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+            ),
+        )
+    sampler = EpisodeSampler(train_data, config.n_way, config.k_shot, config.q_query, config.seed, device)
+    return (
+        method,
+        sampler,
+        torch.optim.Adam(method.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused),
+    )
 
 
 def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: bool | None = None) -> dict[str, Any]:
@@ -157,15 +191,12 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
     config.save(out / "config.json")
     if config.compile:  # in place, so checkpoint keys stay the same; CUDA graphs cut launch overhead
         method.backbone.compile(mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
-    optimizer = torch.optim.Adam(
-        method.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
-    )
-    sampler = EpisodeSampler(train_data, config.n_way, config.k_shot, config.q_query, config.seed, device)
+    objective, sampler, optimizer = stage(config, method, train_data, device)
     checkpoints = Checkpoints(out, config, train_data.spec)
     start_episode, elapsed_before = 0, 0.0
     if resume is not None:
         payload = read_checkpoint(resume, device)
-        method.load_state_dict(payload["state"])
+        objective.load_state_dict(payload.get("objective", payload["state"]))
         optimizer.load_state_dict(payload["optimizer"])
         sampler.generator.set_state(payload["generator"].cpu())
         start_episode, elapsed_before = int(payload["episode"]), float(payload["elapsed"])
@@ -175,7 +206,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
     limit_s = config.time_limit * 60 if config.time_limit else math.inf
     show = sys.stderr.isatty() if progress_bar is None else progress_bar
     bar = tqdm(total=config.episodes, initial=start_episode, disable=not show, dynamic_ncols=True)
-    method.train()
+    objective.train()
     t0 = time.perf_counter() - elapsed_before
     meter = Meter(device)
     episode = start_episode
@@ -187,7 +218,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, max(episode / config.episodes, elapsed / limit_s))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, acc = method.loss(sampler.sample())
+            loss, acc = objective.loss(sampler.sample())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -198,7 +229,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
         if episode % config.val_every == 0:
             v0 = time.perf_counter()
             val_result = validate(method, val_data, config, device)
-            checkpoints.record(val_result, episode, v0 - t0, method, optimizer, sampler)
+            checkpoints.record(val_result, episode, v0 - t0, method, optimizer, sampler, objective)
             meter.validated(time.perf_counter() - v0)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -209,7 +240,9 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
     elapsed = loop_end - t0
     history = checkpoints.history
     if not history or history[-1]["episode"] != episode:
-        checkpoints.record(validate(method, val_data, config, device), episode, elapsed, method, optimizer, sampler)
+        checkpoints.record(
+            validate(method, val_data, config, device), episode, elapsed, method, optimizer, sampler, objective
+        )
     metrics = {
         "episodes": episode,
         "elapsed_s": round(elapsed, 3),

@@ -135,3 +135,10 @@ def test_trains_on_rgb_class_folders(miniimagenet_val, tmp_path, backbone, size)
     method, _, spec, _ = load_checkpoint(tmp_path / backbone / "best.pt")
     assert (spec.channels, spec.height) == (3, size)
     assert method.embed(torch.zeros(2, 3, size, size)).shape == (2, 1600 if backbone == "conv4" else 640)
+
+
+def test_train_needs_a_source_unless_given_a_config(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: give the training data with --source (or a saved run's --config)"
+    assert not (tmp_path / "o").exists()

@@ -9,17 +9,24 @@ from typing import Any
 
 import click
 
+from fewshot_edge.config import STAGES
 from fewshot_edge.runtime.bundle import METRICS
 
 from .common import InputError, echo_err, emit_json, main, reports_input_errors, require_modules
 
+EPISODIC_LR, PRETRAIN_LR, PRETRAIN_WEIGHT_DECAY = 1e-3, 0.05, 5e-4
+
 
 class RegistryChoice(click.Choice):
     """The names in a registry, read when first needed (so other commands never import torch) and on
-    every use (so a method registered later is a choice too); an unknown name is one line, exit 2."""
+    every use (so a method registered later is a choice too); an unknown name is one line, exit 2.
+    With ``families``, any ``PREFIX:NAME`` of a family is accepted too (its builder checks NAME)."""
 
-    def __init__(self, names: Callable[[], Iterable[str]], what: str) -> None:
+    def __init__(
+        self, names: Callable[[], Iterable[str]], what: str, families: Callable[[], Iterable[str]] | None = None
+    ) -> None:
         self._names = names
+        self._families = families
         self.what = what
         self.case_sensitive = True
 
@@ -28,6 +35,9 @@ class RegistryChoice(click.Choice):
         return tuple(self._names())
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        prefix, sep, name = value.partition(":")
+        if sep and name and self._families is not None and prefix in self._families():
+            return value
         if value not in self.choices:
             raise InputError(f"unknown {self.what} {value!r}; choose from {', '.join(sorted(self.choices))}")
         return value
@@ -42,9 +52,16 @@ def _method_registry() -> dict[str, Any]:
 
 def _backbone_names() -> Iterable[str]:
     require_modules("torch")
-    from fewshot_edge.models import BACKBONES
+    from fewshot_edge.models import backbone_names
 
-    return BACKBONES
+    return backbone_names()
+
+
+def _backbone_families() -> Iterable[str]:
+    require_modules("torch")
+    from fewshot_edge.models import FAMILIES
+
+    return FAMILIES
 
 
 def _data_kinds() -> Iterable[str]:
@@ -77,6 +94,18 @@ def data_options(
     """The loader options the user set (unset ones keep the loader's defaults)."""
     given = {"size": image_size, "channels": channels, "rotations": rotations, "max_per_class": max_per_class}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def backbone_data_options(backbone: str, data_kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` over a timm backbone's input size, mean and std (its pretrained config's) for the
+    folders loader; unchanged for other backbones and data kinds."""
+    from fewshot_edge.models import timm_input_spec, timm_model_name
+
+    model = timm_model_name(backbone)
+    if model is None or data_kind != "folders":
+        return options
+    spec = timm_input_spec(model, int(options.get("channels", 3)), options.get("size"))
+    return {"size": spec.height, "mean": list(spec.mean), "std": list(spec.std), **options}
 
 
 def method_options(method: str, metric: str | None, pairs: Sequence[str]) -> dict[str, Any]:
@@ -128,9 +157,8 @@ def _kind(value: Any) -> str | None:
     "--source",
     "sources",
     multiple=True,
-    required=True,
     type=click.Path(exists=True, dir_okay=True),
-    help="Training data (repeat for several zips/folders, e.g. the three miniImageNet shards).",
+    help="Training data (repeat for several zips/folders, e.g. the three miniImageNet shards); required unless --config.",
 )
 @click.option(
     "--val-source",
@@ -149,7 +177,20 @@ def _kind(value: Any) -> str | None:
     "--rotations/--no-rotations", default=None, help="omniglot only: each 90-degree rotation is its own class."
 )
 @click.option("--max-per-class", type=int, help="folders only: use the first N images of each class.")
-@click.option("--backbone", type=RegistryChoice(_backbone_names, "backbone"), default="conv4", show_default=True)
+@click.option(
+    "--backbone",
+    type=RegistryChoice(_backbone_names, "backbone", _backbone_families),
+    default="conv4",
+    show_default=True,
+    help="conv4, resnet12, or any timm model as timm:NAME (e.g. timm:resnet50); a timm model on folders "
+    "data takes its pretrained config's size (unless --image-size), mean and std.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Start a timm:NAME backbone from these weights: a safetensors file or torch state dict.",
+)
+@click.option("--pretrained", is_flag=True, help="Start a timm:NAME backbone from timm's hub weights (online).")
 @click.option(
     "--method",
     type=RegistryChoice(_method_registry, "method"),
@@ -171,6 +212,21 @@ def _kind(value: Any) -> str | None:
     type=click.Path(exists=True, dir_okay=False),
     help="Start the backbone from this checkpoint's (e.g. a trained ProtoNet for film).",
 )
+@click.option(
+    "--stage",
+    type=click.Choice(STAGES),
+    default="episodic",
+    show_default=True,
+    help="pretrain: supervised classification of every training class on augmented batches (SGD), "
+    "a checkpoint to continue episodically with --init-from.",
+)
+@click.option("--batch-size", default=128, show_default=True, help="pretrain: images per batch.")
+@click.option(
+    "--augment/--no-augment",
+    default=True,
+    show_default=True,
+    help="pretrain: random resized crop, flip, colour jitter.",
+)
 @click.option("--way", default=60, show_default=True, help="Training episodes: classes per episode.")
 @click.option("--shot", default=5, show_default=True, help="Training episodes: support images per class.")
 @click.option("--query", default=5, show_default=True, help="Training episodes: query images per class.")
@@ -179,9 +235,12 @@ def _kind(value: Any) -> str | None:
 @click.option("--val-query", default=15, show_default=True)
 @click.option("--val-episodes", default=300, show_default=True)
 @click.option("--val-every", default=500, show_default=True, help="Validate every N training episodes.")
-@click.option("--episodes", default=20000, show_default=True, help="Stop after this many episodes ...")
+@click.option(
+    "--episodes", default=20000, show_default=True, help="Stop after this many episodes (pretrain: batches) ..."
+)
 @click.option("--time-limit", type=float, help="... or after this many minutes, whichever comes first.")
-@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--lr", type=float, help="Learning rate [episodic: 1e-3 (Adam); pretrain: 0.05 (SGD)].")
+@click.option("--weight-decay", type=float, help="[episodic: 0; pretrain: 5e-4].")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
@@ -222,6 +281,11 @@ def train(
     metric: str | None,
     method_option_args: tuple[str, ...],
     init_from: str | None,
+    weights: str | None,
+    pretrained: bool,
+    stage: str,
+    batch_size: int,
+    augment: bool,
     way: int,
     shot: int,
     query: int,
@@ -232,7 +296,8 @@ def train(
     val_every: int,
     episodes: int,
     time_limit: float | None,
-    lr: float,
+    lr: float | None,
+    weight_decay: float | None,
     schedule: str,
     seed: int,
     device: str,
@@ -259,11 +324,17 @@ def train(
 
     if config_file:
         config = TrainConfig.from_dict(json.loads(Path(config_file).read_text()))
+    elif not sources:
+        raise InputError("give the training data with --source (or a saved run's --config)")
     else:
         config = TrainConfig(
             data=data_kind,
             sources=[str(Path(s).resolve()) for s in sources],
-            data_options=data_options(image_size, int(channels) if channels else None, rotations, max_per_class),
+            data_options=backbone_data_options(
+                backbone,
+                data_kind,
+                data_options(image_size, int(channels) if channels else None, rotations, max_per_class),
+            ),
             holdout=holdout,
             holdout_groups=list(holdout_groups),
             val_sources=[str(Path(s).resolve()) for s in val_sources],
@@ -271,6 +342,11 @@ def train(
             method=method,
             method_options=method_options(method, metric, method_option_args),
             init_from=str(Path(init_from).resolve()) if init_from else None,
+            weights=str(Path(weights).resolve()) if weights else None,
+            pretrained=pretrained,
+            stage=stage,
+            batch_size=batch_size,
+            augment=augment,
             n_way=way,
             k_shot=shot,
             q_query=query,
@@ -281,7 +357,12 @@ def train(
             val_every=val_every,
             episodes=episodes,
             time_limit=time_limit,
-            lr=lr,
+            lr=lr if lr is not None else PRETRAIN_LR if stage == "pretrain" else EPISODIC_LR,
+            weight_decay=weight_decay
+            if weight_decay is not None
+            else PRETRAIN_WEIGHT_DECAY
+            if stage == "pretrain"
+            else 0.0,
             schedule=schedule,
             amp=amp,
             compile=compile_model,
