@@ -20,8 +20,10 @@ VERSION = 1
 
 def build_method(config: TrainConfig, spec: InputSpec, initialize: bool = False) -> FewShotMethod:
     """The method and backbone a config names, for inputs shaped by ``spec``; with ``initialize`` (a
-    new run) the backbone then takes the weights of ``config.init_from``'s, when the config names one."""
-    backbone = create_backbone(config.backbone, spec.channels, spec.height)
+    new run) the backbone starts from ``config.weights`` or its hub's weights (``config.pretrained``), or
+    takes the weights of ``config.init_from``'s backbone, when the config names them."""
+    start = {"weights": config.weights, "pretrained": config.pretrained} if initialize else {}
+    backbone = create_backbone(config.backbone, spec.channels, spec.height, **start)
     method = create_method(config.method, backbone, **config.method_options)
     if initialize and config.init_from:
         source = load_checkpoint(config.init_from)[0].backbone

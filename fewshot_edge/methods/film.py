@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from fewshot_edge.episodes import Episode
-from fewshot_edge.models import Backbone
+from fewshot_edge.models import Backbone, BlockBackbone
 from fewshot_edge.models.backbones import ConvBlock, FiLM
+from fewshot_edge.runtime.errors import FewShotInputError
 
 from .base import query_loss, register_method
 from .protonet import ProtoNet
@@ -96,6 +97,10 @@ class FiLMProtoNet(ProtoNet):
         film_l2: float = 1e-3,
         freeze_backbone: bool = False,
     ) -> None:
+        if not isinstance(backbone, BlockBackbone):
+            raise FewShotInputError(
+                f"film modulates the blocks of conv4 or resnet12; a {type(backbone).__name__} has no FiLM hooks"
+            )
         super().__init__(backbone, metric=metric, task_dim=task_dim, film_l2=film_l2, freeze_backbone=freeze_backbone)
         self.context = TaskContext(_first_conv_channels(backbone), backbone.block_channels, task_dim)
         self.film_l2 = film_l2

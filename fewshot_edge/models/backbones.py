@@ -1,12 +1,14 @@
-"""Few-shot backbones: Conv-4 and ResNet-12, each a stack of blocks that accepts optional FiLM.
+"""Backbones by name: Conv-4 and ResNet-12, each a stack of blocks that accepts optional FiLM, and
+families of names resolved by prefix (``timm:NAME``, see ``timm_backbones``).
 
-Every backbone maps (N, C, H, W) normalised images to (N, out_dim) embeddings and exposes
-``block_channels`` so a FiLM generator knows the per-block (gamma, beta) shapes.
+Every backbone maps (N, C, H, W) normalised images to (N, out_dim) embeddings; a ``BlockBackbone``
+also exposes ``block_channels`` so a FiLM generator knows the per-block (gamma, beta) shapes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -57,7 +59,14 @@ class ResBlock(nn.Module):
 
 
 class Backbone(nn.Module):
-    """Blocks applied in order, then flatten (Conv-4) or global average pooling (ResNet-12)."""
+    """The interface every backbone has: ``forward`` maps (N, C, H, W) normalised images to (N, ``out_dim``)."""
+
+    out_dim: int
+
+
+class BlockBackbone(Backbone):
+    """Blocks applied in order, then flatten (Conv-4) or global average pooling (ResNet-12); each block
+    takes an optional FiLM (gamma, beta) of ``block_channels[i]`` channels."""
 
     def __init__(self, blocks: list[nn.Module], block_channels: list[int], out_dim: int, global_pool: bool) -> None:
         super().__init__()
@@ -73,6 +82,7 @@ class Backbone(nn.Module):
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {}
+FAMILIES: dict[str, Callable[..., Backbone]] = {}
 B = TypeVar("B", bound=Callable[..., Backbone])
 
 
@@ -80,6 +90,17 @@ def register_backbone(builder: B) -> B:
     """Decorator: make a backbone builder ``(in_channels, image_size) -> Backbone`` available by its name."""
     BACKBONES[builder.__name__] = builder
     return builder
+
+
+def register_family(prefix: str) -> Callable[[B], B]:
+    """Decorator: resolve every name ``PREFIX:MODEL`` with a builder
+    ``(model, in_channels, image_size, *, weights, pretrained) -> Backbone``."""
+
+    def register(builder: B) -> B:
+        FAMILIES[prefix] = builder
+        return builder
+
+    return register
 
 
 @register_backbone
@@ -91,7 +112,7 @@ def conv4(in_channels: int, image_size: int, width: int = 64) -> Backbone:
     if side < 1:
         raise FewShotInputError(f"image_size {image_size} is too small for Conv-4 (needs >= 16)")
     blocks = [ConvBlock(in_channels if i == 0 else width, width) for i in range(4)]
-    return Backbone(blocks, [width] * 4, width * side * side, global_pool=False)
+    return BlockBackbone(blocks, [width] * 4, width * side * side, global_pool=False)
 
 
 @register_backbone
@@ -101,11 +122,27 @@ def resnet12(in_channels: int, image_size: int, widths: Sequence[int] = (64, 160
         raise FewShotInputError(f"image_size {image_size} is too small for ResNet-12 (needs >= 16)")
     chans = [in_channels, *widths]
     blocks = [ResBlock(chans[i], chans[i + 1]) for i in range(4)]
-    return Backbone(blocks, list(widths), widths[-1], global_pool=True)
+    return BlockBackbone(blocks, list(widths), widths[-1], global_pool=True)
 
 
-def create_backbone(name: str, in_channels: int, image_size: int) -> Backbone:
-    """Build a backbone by registry name."""
+def backbone_names() -> list[str]:
+    """The registered names, then one ``PREFIX:NAME`` pattern per family."""
+    return [*sorted(BACKBONES), *(f"{prefix}:NAME" for prefix in sorted(FAMILIES))]
+
+
+def create_backbone(
+    name: str, in_channels: int, image_size: int, *, weights: str | Path | None = None, pretrained: bool = False
+) -> Backbone:
+    """Build a backbone by registry name, or ``PREFIX:MODEL`` by its family (e.g. ``timm:resnet50``);
+    ``weights`` (a file) or ``pretrained`` (its hub) start a family's model from trained weights."""
+    prefix, sep, model = name.partition(":")
+    if sep and prefix in FAMILIES:
+        return FAMILIES[prefix](model, in_channels, image_size, weights=weights, pretrained=pretrained)
     if name not in BACKBONES:
-        raise FewShotInputError(f"unknown backbone {name!r}; choose from {', '.join(sorted(BACKBONES))}")
+        raise FewShotInputError(f"unknown backbone {name!r}; choose from {', '.join(backbone_names())}")
+    if weights is not None or pretrained:
+        raise FewShotInputError(
+            f"{name} starts from random weights (or --init-from a checkpoint); --weights and"
+            " --pretrained are for timm:NAME backbones"
+        )
     return BACKBONES[name](in_channels, image_size)
