@@ -209,8 +209,12 @@ def _mode(bundle: Bundle, asked: str | None, remembered: str | None) -> str:
 
 
 def _as_list(images: Images) -> list[ImageLike]:
-    """One path, PIL image or Frame becomes a list of one; a sequence (or an array, along its first axis) a list."""
+    """One path, PIL image, Frame or colour array (H, W, 3|4) becomes a list of one (a bare colour array is
+    then refused for its unknown channel order, not split into rows); a sequence (or an array, along its
+    first axis) a list."""
     if isinstance(images, (str, Path, Image.Image, Frame)):
+        return [images]
+    if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[2] in (3, 4):
         return [images]
     return list(images)
 

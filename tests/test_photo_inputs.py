@@ -236,6 +236,8 @@ def test_the_api_takes_frames_and_a_single_frame_is_one_image(tmp_path):
         model.enroll("thing", [Frame(bgr, "BGR"), Image.fromarray(rgb)])
         assert model.predict(Frame(bgr, "BGR"))[0].label == "thing"
         one_line_error(lambda: model.predict([rgb]), "channel order")
+        one_line_error(lambda: model.predict(rgb), "channel order")  # one bare frame: refused, not split into rows
+        one_line_error(lambda: model.enroll("more", np.stack([rgb, rgb])), "channel order")
 
 
 # --- resize geometry ---------------------------------------------------------------------------------
