@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .model import FewShotModel
-from .preprocess import InputSpec, preprocess
+from .preprocess import Frame, ImageLike, InputSpec, preprocess
 
 SOURCE_SIZE = 105
 N_WAY = 5  # classes enrolled before timing predictions
@@ -55,11 +55,13 @@ def rate(fn: Callable[[], Any], items: int, seconds: float) -> float:
     return items * calls / (time.perf_counter() - start)
 
 
-def source_images(spec: InputSpec, n: int, seed: int = 0, size: int = SOURCE_SIZE) -> list[np.ndarray]:
-    """``n`` decoded uint8 images (size, size[, 3]) of sparse random strokes, as a camera or file would give."""
+def source_images(spec: InputSpec, n: int, seed: int = 0, size: int = SOURCE_SIZE) -> list[ImageLike]:
+    """``n`` decoded uint8 images (size, size) of sparse random strokes, as a camera or file would give:
+    gray arrays, or RGB ``Frame``s for a colour bundle."""
     rng = np.random.default_rng(seed)
     shape = (n, size, size) if spec.channels == 1 else (n, size, size, 3)
-    return list(np.where(rng.random(shape) < 0.1, 0, 255).astype(np.uint8))
+    images = np.where(rng.random(shape) < 0.1, 0, 255).astype(np.uint8)
+    return list(images) if spec.channels == 1 else [Frame(image, "RGB") for image in images]
 
 
 def enroll_random(model: FewShotModel, n_way: int, k_shot: int) -> None:

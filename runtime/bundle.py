@@ -28,7 +28,7 @@ from .errors import FewShotInputError
 from .preprocess import InputSpec
 
 FORMAT = "fewshot-edge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this runtime reads; it reads every one from 1
 MANIFEST = "manifest.json"
 METRICS = ("sqeuclidean", "cosine")
 OPEN_SET_STATISTICS = ("nearest_distance",)
@@ -48,6 +48,13 @@ def encoder_role(precision: str) -> str:
     if precision not in PRECISIONS:
         raise FewShotInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return "encoder" if precision == "fp32" else f"encoder.{precision}"
+
+
+def format_version(spec: InputSpec) -> int:
+    """The oldest format that says everything about a bundle with this input spec: 2 when it crops
+    (``crop_mode`` "center" or ``crop_pct`` below 1), since a format-1 runtime would ignore those keys
+    and squash every image; else 1, so runtimes from before 2 still open the bundle."""
+    return 2 if spec.crop_mode != "squash" or spec.crop_pct != 1.0 else 1
 
 
 @dataclass(frozen=True)
@@ -168,7 +175,7 @@ class Manifest:
         variants = {"variants": {k: dict(v) for k, v in self.variants.items()}} if self.variants else {}
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": format_version(self.input_spec),
             "model_id": self.model_id,
             "files": {name: asdict(entry) for name, entry in sorted(self.files.items())},
             "input": self.input_spec.to_dict(),
@@ -193,9 +200,9 @@ class Manifest:
         if d.get("format") != FORMAT:
             raise FewShotInputError(f"not a {FORMAT} manifest (format={d.get('format')!r})")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
             raise FewShotInputError(
-                f"bundle format_version {version!r} is not supported (this runtime reads {FORMAT_VERSION})"
+                f"bundle format_version {version!r} is not supported (this runtime reads 1 to {FORMAT_VERSION})"
             )
         try:
             for key in ("channels", "height", "width"):

@@ -179,7 +179,10 @@ def test_bad_enrollment_is_one_line_exit_2_and_changes_nothing(env, case):
 
 BAD_BUNDLES = {
     "tampered onnx": (tamper_onnx, "encoder.onnx does not match its sha256"),
-    "unknown manifest version": (lambda b: edit_manifest(b, format_version=99), "format_version 99 is not supported"),
+    "unknown manifest version": (
+        lambda b: edit_manifest(b, format_version=99),
+        "format_version 99 is not supported (this runtime reads 1 to 2)",
+    ),
     "missing model file": (lambda b: (b / "encoder.onnx").unlink(), "encoder.onnx listed in the manifest is missing"),
     "missing manifest": (lambda b: (b / "manifest.json").unlink(), "manifest.json not found"),
 }
@@ -259,6 +262,13 @@ def test_benchmark_report_has_every_figure(env):
     assert len(text.splitlines()) == 10
 
 
+def test_benchmark_runs_on_a_colour_bundle(tmp_path):
+    spec = InputSpec(3, 4, 4)
+    make_bundle(tmp_path / "rgb", weight(0, spec), spec=spec)
+    report = run_benchmark(tmp_path / "rgb", threads=1, runs=3, batch=4, seconds=0.01, enroll_runs=2, child_runs=2)
+    assert report["input"] == "3x4x4" and report["encoder_images_per_s"] > 0 and report["peak_rss_mb"] > 0
+
+
 def test_bench_times_pytorch_eager_with_a_checkpoint(tmp_path):
     torch = pytest.importorskip("torch")
     from fewshot_edge.checkpoint import build_method, save_checkpoint
@@ -272,6 +282,10 @@ def test_bench_times_pytorch_eager_with_a_checkpoint(tmp_path):
     result = run("bench", tmp_path / "b", "--checkpoint", tmp_path / "m.pt", "--threads", "1", "--quick", "--json")
     figures = json.loads(result.stdout)["pytorch"]
     assert figures["encoder"]["p50_ms"] > 0 and figures["times_encoder"] > 0 and figures["times_predict"] > 0
+    assert figures["encoder_images_per_s"] > 0 and figures["throughput_vs_runtime"] > 0
+    assert figures["peak_rss_mb"] > 100 and figures["rss_vs_runtime"] > 1  # torch alone is larger than the runtime
+    text = run("bench", tmp_path / "b", "--checkpoint", tmp_path / "m.pt", "--threads", "1", "--quick").stdout
+    assert "pytorch eager, batches of 128" in text and "x the runtime's" in text
     other = InputSpec(1, 20, 20)
     save_checkpoint(tmp_path / "other.pt", build_method(config, other), config, other)
     result = run("bench", tmp_path / "b", "--checkpoint", tmp_path / "other.pt", "--quick", ok=False)

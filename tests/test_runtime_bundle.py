@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -194,10 +195,22 @@ def test_tampered_model_id_is_refused(tmp_path):
     refused(tmp_path / "b", "model_id")
 
 
-def test_unknown_format_version_is_refused_naming_it(tmp_path):
+@pytest.mark.parametrize("version", [3, 0, "2", True])
+def test_unknown_format_version_is_refused_naming_it(tmp_path, version):
     make_bundle(tmp_path / "b", weight())
-    edit_manifest(tmp_path / "b", lambda m: m.update(format_version=2))
-    refused(tmp_path / "b", "format_version 2", "reads 1")
+    edit_manifest(tmp_path / "b", lambda m: m.update(format_version=version))
+    refused(tmp_path / "b", f"format_version {version!r}", "reads 1 to 2")
+
+
+def test_a_cropping_input_spec_needs_format_2_and_a_squashing_one_stays_1(tmp_path):
+    for name, spec, version in (
+        ("squash", SPEC, 1),
+        ("center", replace(SPEC, crop_mode="center"), 2),
+        ("pct", replace(SPEC, crop_pct=0.875), 2),
+    ):
+        make_bundle(tmp_path / name, weight(), spec=spec)
+        assert json.loads((tmp_path / name / "manifest.json").read_text())["format_version"] == version
+        assert open_bundle(tmp_path / name).manifest.input_spec == spec
 
 
 def test_other_format_is_refused(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +12,7 @@ import click
 
 from fewshot_edge.pretrained import default_bundle
 from fewshot_edge.runtime import InputSpec, open_bundle, preprocess
-from fewshot_edge.runtime.bench import run_benchmark, shape_text, source_images, time_calls
+from fewshot_edge.runtime.bench import peak_rss_mb, rate, run_benchmark, shape_text, source_images, time_calls
 
 from .common import InputError, emit_json, main, reports_input_errors
 from .options import engine_options
@@ -57,7 +59,8 @@ def bench(
 
     \b
     Inputs are decoded 105x105 uint8 images, so preprocessing is included where it says so.
-    With --checkpoint, the same model in PyTorch eager is timed in the same run, same threads.
+    With --checkpoint, the same model in PyTorch eager is measured in the same run, same threads: one
+    image's latency, batch throughput and a fresh process's peak RSS, each beside the runtime's.
     --all-variants and --adapt MODE compare precisions and adaptation modes instead.
     """
     bundle_dir = bundle or default_bundle()
@@ -66,9 +69,9 @@ def bench(
         return
     spec = open_bundle(bundle_dir).manifest.input_spec
     eager = pytorch_model(checkpoint, spec, threads)
-    sizes = dict(runs=200, batch=128, seconds=0.5, enroll_runs=20, child_runs=50) if quick else {}
+    sizes: dict[str, Any] = dict(runs=200, batch=128, seconds=0.5, enroll_runs=20, child_runs=50) if quick else {}
     report = run_benchmark(bundle_dir, threads=threads, **sizes, **engine)
-    report["pytorch"] = pytorch_figures(eager, report)
+    report["pytorch"] = pytorch_figures(eager, report, sizes.get("seconds", 2.0))
     if as_json:
         emit_json(report)
     else:
@@ -144,9 +147,12 @@ def format_compare(name: str, r: dict[str, Any]) -> str:
     return "\n".join([head, *lines, foot])
 
 
-def pytorch_model(checkpoint: str | None, spec: InputSpec, threads: int) -> str | tuple[Any, InputSpec]:
-    """The checkpoint's method (eval mode) and input spec, with torch set to ``threads`` threads; or why
-    there is none, as a string."""
+Eager = tuple[Any, InputSpec, str, int]  # the checkpoint's method, its input spec, the file, torch's threads
+
+
+def pytorch_model(checkpoint: str | None, spec: InputSpec, threads: int) -> str | Eager:
+    """The checkpoint's method (eval mode), input spec, path and threads, with torch set to ``threads``
+    threads; or why there is none, as a string."""
     if checkpoint is None:
         return "no --checkpoint"
     try:
@@ -159,27 +165,62 @@ def pytorch_model(checkpoint: str | None, spec: InputSpec, threads: int) -> str 
     method, _, model_spec, _ = load_checkpoint(checkpoint, "cpu")
     if shape_text(model_spec) != shape_text(spec):
         raise InputError(f"checkpoint takes {shape_text(model_spec)} inputs but the bundle takes {shape_text(spec)}")
-    return method, model_spec
+    return method, model_spec, checkpoint, threads
 
 
-def pytorch_figures(eager: str | tuple[Any, InputSpec], report: dict[str, Any]) -> dict[str, Any]:
-    """One-image latency of the PyTorch model's encoder in eager mode, and how many times slower it
-    is than onnxruntime's encoder and whole prediction; or why it was skipped."""
+def pytorch_figures(eager: str | Eager, report: dict[str, Any], seconds: float = 2.0) -> dict[str, Any]:
+    """The PyTorch model in eager mode beside the runtime's figures in ``report``: its encoder's one-image
+    latency (and how many times onnxruntime's encoder and whole prediction it takes), its throughput on
+    batches of the same size (``seconds`` of them) and a fresh process's peak RSS; or why it was skipped."""
     if isinstance(eager, str):
         return {"skipped": eager}
     import torch
 
-    method, spec = eager
-    x = torch.from_numpy(preprocess(source_images(spec, 1), spec))
+    method, spec, checkpoint, threads = eager
+    one = torch.from_numpy(preprocess(source_images(spec, 1), spec))
+    batch = torch.from_numpy(preprocess(source_images(spec, report["batch"], seed=1), spec))
     with torch.inference_mode():
-        encoder = time_calls(lambda: method.embed(x), report["encoder"]["runs"])
+        encoder = time_calls(lambda: method.embed(one), report["encoder"]["runs"])
+        throughput = rate(lambda: method.embed(batch), report["batch"], seconds)
+    rss = _torch_process_rss(checkpoint, threads, report["rss_predictions"])
     return {
         "encoder": encoder,
+        "encoder_images_per_s": throughput,
+        "peak_rss_mb": rss,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "times_encoder": encoder["p50_ms"] / report["encoder"]["p50_ms"],
         "times_predict": encoder["p50_ms"] / report["predict"]["p50_ms"],
+        "throughput_vs_runtime": throughput / report["encoder_images_per_s"],
+        "rss_vs_runtime": rss / report["peak_rss_mb"],
     }
+
+
+def _torch_process_rss(checkpoint: str, threads: int, runs: int) -> float:
+    """Peak RSS (MB) of a new interpreter that loads the checkpoint in PyTorch and embeds one image ``runs``
+    times: the counterpart of the runtime's fresh-process figure."""
+    code = "import sys; from fewshot_edge.cli.bench import _torch_child; _torch_child(*sys.argv[1:])"
+    child = subprocess.run(
+        [sys.executable, "-c", code, checkpoint, str(threads), str(runs)], capture_output=True, text=True, timeout=600
+    )
+    if child.returncode != 0:
+        raise RuntimeError(f"PyTorch benchmark process failed: {(child.stderr.strip().splitlines() or ['?'])[-1]}")
+    return float(child.stdout)
+
+
+def _torch_child(checkpoint: str, threads: str, runs: str) -> None:
+    """The process of ``_torch_process_rss``: load, embed one image ``runs`` times, print the peak RSS."""
+    import torch
+
+    from fewshot_edge.checkpoint import load_checkpoint
+
+    torch.set_num_threads(int(threads))
+    method, _, spec, _ = load_checkpoint(checkpoint, "cpu")
+    x = torch.from_numpy(preprocess(source_images(spec, 1), spec))
+    with torch.inference_mode():
+        for _ in range(int(runs)):
+            method.embed(x)
+    print(peak_rss_mb())
 
 
 def format_bench(r: dict[str, Any]) -> str:
@@ -210,12 +251,18 @@ def format_bench(r: dict[str, Any]) -> str:
     if "skipped" in torch_figures:
         lines.append(("pytorch", f"skipped ({torch_figures['skipped']})"))
     else:
-        lines.append(
+        t = torch_figures
+        lines += [
             (
                 "pytorch eager, encoder, one image",
-                f"{ms(torch_figures['encoder'])}   = {torch_figures['times_encoder']:.1f}x onnxruntime's encoder, "
-                f"{torch_figures['times_predict']:.1f}x its whole prediction",
-            )
-        )
+                f"{ms(t['encoder'])}   = {t['times_encoder']:.1f}x onnxruntime's encoder, "
+                f"{t['times_predict']:.1f}x its whole prediction",
+            ),
+            (
+                f"pytorch eager, batches of {r['batch']}",
+                f"{t['encoder_images_per_s']:,.0f} images/s   = {t['throughput_vs_runtime']:.2f}x onnxruntime's",
+            ),
+            ("pytorch eager, peak RSS", f"{t['peak_rss_mb']:.0f} MB   = {t['rss_vs_runtime']:.1f}x the runtime's"),
+        ]
     width = max(len(name) for name, _ in lines)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in lines)
