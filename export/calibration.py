@@ -114,6 +114,20 @@ def _fit_threshold(known: np.ndarray, unknown: np.ndarray, target_false_reject: 
     return threshold, float(np.mean(unknown <= threshold)), float(np.mean(known > threshold))
 
 
+def episode_sizes(data: FewShotDataset, n_way: int = 5, max_shot: int = 5, q_query: int = 5) -> tuple[int, int, int]:
+    """``calibrate``'s (n_way, max_shot, q_query), shrunk to fit a small calibration set: two disjoint
+    episodes need ``2 * n_way`` classes, and every class at least ``max_shot + q_query`` images."""
+    smallest = int(data.class_counts().min())
+    n_way, q_query = min(n_way, data.num_classes // 2), min(q_query, smallest // 2)
+    max_shot = min(max_shot, smallest - q_query)
+    if n_way < 2 or q_query < 1:
+        raise FewShotInputError(
+            f"calibration needs at least 4 classes of at least 2 images; got {data.num_classes} classes,"
+            f" the smallest with {smallest} images"
+        )
+    return n_way, max_shot, q_query
+
+
 def calibrate(
     adapter: Adapter,
     data: FewShotDataset,

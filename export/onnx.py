@@ -115,6 +115,9 @@ def _export(
     dynamic = {INPUT_NAME: {0: "batch"}, **({OUTPUT_NAME: {0: "batch"}} if output_name == OUTPUT_NAME else {})}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter announces its age
+        # Branches on the image size (timm's position embeddings) are traced as constants: a bundle has one
+        # size, and parity checks the graph at several batch sizes.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]  # not in its __all__
         torch.onnx.export(
             module,
             example,

@@ -12,6 +12,10 @@
   slow int8 NCHW pool, so the manifest entry names that optimizer in ``disabled_optimizers`` and the
   runtime opens the variant without it.
 
+int8 is not offered for attention models (``check_precisions``: a graph whose Softmax reads a product of two
+activations, as a ViT's self-attention): int8 ViTs often run slower than fp16 on TensorRT
+(NVIDIA/TensorRT#4273), so they get fp16 unless forced.
+
 ``build_variants`` embeds the same 5-way 1-shot validation episodes with the runtime adapter over the
 fp32 encoder and over each variant, and records per precision: accuracy with its 95% CI, the paired
 delta vs fp32 with its CI, and the embeddings' parity (largest absolute and relative difference). A variant that loses more than
@@ -48,6 +52,7 @@ PARITY_TOLERANCE = {"fp16": 0.01, "int8": 0.25}  # largest |variant - fp32| / |f
 DISABLED_OPTIMIZERS = {"int8": ["QDQPropagationTransformer"]}  # see the module docstring
 N_WAY, K_SHOT, Q_QUERY = 5, 1, 15
 CALIBRATION_IMAGES, CALIBRATION_BATCH = 512, 32
+_BETWEEN_SCORES_AND_SOFTMAX = ("Mul", "Div", "Add", "Sub", "Where", "Cast")  # scale, mask, bias, dtype
 
 
 class VariantRefused(FewShotInputError):
@@ -63,6 +68,37 @@ def to_fp16(source: Path, dest: Path) -> dict[str, Any]:
     """Write the float16 encoder (float32 inputs and outputs) to ``dest``; returns how it was made."""
     onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(dest))
     return {"converter": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
+
+
+def attention_softmaxes(model: onnx.ModelProto) -> list[str]:
+    """Names of the Softmax nodes over a MatMul of two activations (neither a weight), reached through
+    the scaling, masking and casts between them: the graph's self-attention."""
+    constants = {i.name for i in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    constants |= {name for name, node in producers.items() if node.op_type == "Constant"}
+
+    def reads_product(name: str) -> bool:
+        node = producers.get(name)
+        if node is None:
+            return False
+        if node.op_type == "MatMul":
+            return not any(i in constants for i in node.input)
+        return node.op_type in _BETWEEN_SCORES_AND_SOFTMAX and any(reads_product(i) for i in node.input)
+
+    return [node.name for node in model.graph.node if node.op_type == "Softmax" and reads_product(node.input[0])]
+
+
+def check_precisions(encoder: Path, precisions: Sequence[str], force: bool = False) -> None:
+    """Refuse int8 for an attention encoder unless ``force`` (see the module docstring)."""
+    if "int8" not in precisions or force:
+        return
+    attention = attention_softmaxes(onnx.load(str(encoder)))
+    if attention:
+        raise VariantRefused(
+            f"int8 is not offered for attention models ({len(attention)} attention softmaxes in this encoder):"
+            " int8 ViTs often run slower than fp16 on TensorRT (NVIDIA/TensorRT#4273); export --fp16 instead,"
+            " or force int8 with --force-variant"
+        )
 
 
 class _Feeds(CalibrationDataReader):

@@ -1,4 +1,5 @@
-"""``export``: checkpoint -> verified, calibrated bundle for the device (needs torch and onnx)."""
+"""``export``: checkpoint, or a pretrained timm backbone and calibration images -> verified, calibrated bundle
+for the device (needs torch and onnx)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,33 @@ from pathlib import Path
 
 import click
 
-from .common import emit_json, main, reports_input_errors, require_modules
+from fewshot_edge.runtime.bundle import METRICS
+
+from .common import InputError, emit_json, main, reports_input_errors, require_modules
 
 
 @main.command(name="export")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option(
+    "--backbone",
+    metavar="timm:NAME",
+    help="Instead of a checkpoint: prototypes over this pretrained timm model's embeddings (no meta-training).",
+)
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False),
+    help="--backbone: its weights, a safetensors file or torch state dict.",
+)
+@click.option("--pretrained", is_flag=True, help="--backbone: its weights from timm's hub (online).")
+@click.option(
+    "--calibration-data",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="--backbone: class-per-folder images (folders or zips) to calibrate on, at least 4 classes.",
+)
+@click.option("--image-size", type=int, help="--backbone: input size [the model's pretrained config's].")
+@click.option("--metric", type=click.Choice(METRICS), help="--backbone: distance to the prototypes [sqeuclidean].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
 @click.option(
     "--calibration-episodes",
@@ -45,8 +67,14 @@ from .common import emit_json, main, reports_input_errors, require_modules
 @click.option("--json", "as_json", is_flag=True, help="Print the bundle's manifest as JSON.")
 @reports_input_errors
 def export(
-    checkpoint: str,
+    checkpoint: str | None,
     out: str,
+    backbone: str | None,
+    weights: str | None,
+    pretrained: bool,
+    calibration_data: tuple[str, ...],
+    image_size: int | None,
+    metric: str | None,
     overwrite: bool,
     calibration_episodes: int,
     target_false_reject: float,
@@ -58,20 +86,51 @@ def export(
     force_variant: bool,
     as_json: bool,
 ) -> None:
-    """Export a checkpoint as a bundle: ONNX encoder, parity check, calibration, manifest.
+    """Export a checkpoint, or a pretrained timm backbone, as a bundle: ONNX encoder, parity check,
+    calibration, manifest.
 
     \b
-    Calibration uses the run's held-out validation classes, so the training data must be at hand.
+    A checkpoint calibrates on its run's held-out validation classes, so the training data must be at hand.
+    A --backbone timm:NAME (with --weights or --pretrained) needs no training: prototypes over its
+    embeddings, calibrated on --calibration-data; its input size, mean/std, interpolation and crop come
+    from the model's pretrained config. int8 is not offered for attention models (ViTs): use --fp16.
     Nothing is written when the ONNX encoder's embeddings differ from PyTorch's beyond --tolerance,
     or when a --fp16/--int8 variant loses more than 1 point of 5-way 1-shot accuracy (unless --force-variant).
-    Example: fewshot-edge export runs/omniglot/best.pt --out bundles/omniglot --int8
+    Examples:
+      fewshot-edge export runs/omniglot/best.pt --out bundles/omniglot --int8
+      fewshot-edge export --backbone timm:resnet50 --weights resnet50.safetensors --calibration-data photos/ --out bundles/photos
     """
     require_modules("torch", "onnx")
-    from fewshot_edge.export import ParityError, export_bundle
+    from fewshot_edge.export import FrozenBackbone, ParityError, export_bundle
 
+    frozen_options = {
+        "--weights": weights,
+        "--pretrained": pretrained,
+        "--calibration-data": calibration_data,
+        "--image-size": image_size,
+        "--metric": metric,
+    }
+    if (checkpoint is None) == (backbone is None):
+        raise InputError("give a CHECKPOINT or a --backbone timm:NAME, one of the two")
+    if checkpoint is not None:
+        given = [name for name, value in frozen_options.items() if value]
+        if given:
+            raise InputError(
+                f"{', '.join(given)} go with --backbone; a checkpoint calibrates on its run's validation classes"
+            )
+    elif not calibration_data:
+        raise InputError("--backbone needs --calibration-data DIR: class-per-folder images to calibrate on")
+    source = checkpoint or FrozenBackbone(
+        backbone,
+        calibration_data,
+        weights=weights,
+        pretrained=pretrained,
+        image_size=image_size,
+        metric=metric or "sqeuclidean",
+    )
     try:
         bundle = export_bundle(
-            checkpoint,
+            source,
             out,
             overwrite=overwrite,
             calibration_episodes=calibration_episodes,

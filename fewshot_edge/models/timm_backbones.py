@@ -79,10 +79,12 @@ def timm_backbone(
     pretrained_cfg = timm.models.get_pretrained_cfg(model)
     if pretrained_cfg is not None and pretrained_cfg.fixed_input_size and pretrained_cfg.input_size[-1] != image_size:
         kwargs["img_size"] = image_size
-    if weights is None:
-        net = timm.create_model(model, pretrained=pretrained, **kwargs)
-    else:
+    if weights is not None:
         net = _with_weights(model, Path(weights), kwargs)
+    elif pretrained:
+        net = _from_hub(model, kwargs)
+    else:
+        net = timm.create_model(model, **kwargs)
     return TimmBackbone(net, _embedding_size(net, model, in_channels, image_size))
 
 
@@ -111,6 +113,18 @@ def _with_weights(model: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
             f" (e.g. {missing[0]!r}): not a {model} state dict"
         )
     return net
+
+
+def _from_hub(model: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The model with timm's pretrained weights (from its cache, or downloaded), or a one-line error."""
+    import timm
+
+    try:
+        return timm.create_model(model, pretrained=True, **kwargs)
+    except (OSError, RuntimeError) as exc:  # offline and not cached, or no pretrained weights for the model
+        raise FewShotInputError(
+            f"timm:{model}: no pretrained weights from timm's hub ({_first_line(exc)}); give --weights FILE instead"
+        ) from None
 
 
 @torch.no_grad()
