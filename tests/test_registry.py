@@ -85,12 +85,13 @@ def test_a_registered_backbone_is_a_choice(tmp_path):
 
     try:
         helped = CliRunner().invoke(main, ["train", "--help"], terminal_width=200)
-        assert "[conv4|resnet12|tiny]" in helped.output
+        assert "[conv4|resnet12|tiny|timm:NAME]" in helped.output
     finally:
         del BACKBONES["tiny"]
     result = CliRunner().invoke(main, ["train", "--source", str(tmp_path), "--backbone", "tiny"])
     assert (
-        result.exit_code == 2 and result.output.strip() == "Error: unknown backbone 'tiny'; choose from conv4, resnet12"
+        result.exit_code == 2
+        and result.output.strip() == "Error: unknown backbone 'tiny'; choose from conv4, resnet12, timm:NAME"
     )
 
 
