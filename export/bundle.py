@@ -97,7 +97,10 @@ class FrozenBackbone:
         sources = (
             [self.calibration_data] if isinstance(self.calibration_data, (str, Path)) else list(self.calibration_data)
         )
-        data = load_dataset("folders", sources, size=spec.height, channels=spec.channels, mean=spec.mean, std=spec.std)
+        fit = {"resize": spec.resize, "crop_mode": spec.crop_mode, "crop_pct": spec.crop_pct}
+        data = load_dataset(
+            "folders", sources, size=spec.height, channels=spec.channels, mean=spec.mean, std=spec.std, **fit
+        )
         backbone = create_backbone(
             self.backbone, spec.channels, spec.height, weights=self.weights, pretrained=self.pretrained
         )

@@ -349,3 +349,17 @@ def test_training_reads_photos_through_the_same_code(tmp_path, monkeypatch):
     files = sorted(folder.iterdir())
     np.testing.assert_array_equal(ds.images, np.stack([to_pixels(f, ds.spec) for f in files]))
     assert (ds.images[files.index(folder / "cutout.png"), :, 0, 0] == 255).all()  # composited, not black
+
+
+def test_training_and_calibration_images_are_cropped_as_the_spec_says(tmp_path):
+    folder = tmp_path / "set" / "wide"
+    folder.mkdir(parents=True)
+    wide = np.zeros((8, 16, 3), np.uint8)
+    wide[:, :4] = 255  # a white band on the left, outside a centre crop
+    save(Image.fromarray(wide), folder / "wide.png")
+    fit = dict(resize="bicubic", crop_mode="center", crop_pct=0.875)
+    ds = load_image_folders([tmp_path / "set"], size=8, cache=False, **fit)
+    assert (ds.spec.resize, ds.spec.crop_mode, ds.spec.crop_pct) == ("bicubic", "center", 0.875)
+    np.testing.assert_array_equal(ds.images[0], to_pixels(folder / "wide.png", ds.spec))
+    squashed = load_image_folders([tmp_path / "set"], size=8, cache=False)
+    assert ds.images[0, :, :, 0].max() < 64 and squashed.images[0, :, :, 0].max() > 200

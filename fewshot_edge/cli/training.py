@@ -97,15 +97,16 @@ def data_options(
 
 
 def backbone_data_options(backbone: str, data_kind: str, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` over a timm backbone's input size, mean and std (its pretrained config's) for the
-    folders loader; unchanged for other backbones and data kinds."""
+    """``options`` over a timm backbone's input size, mean and std, resampling and crop (its pretrained
+    config's) for the folders loader; unchanged for other backbones and data kinds."""
     from fewshot_edge.models import timm_input_spec, timm_model_name
 
     model = timm_model_name(backbone)
     if model is None or data_kind != "folders":
         return options
     spec = timm_input_spec(model, int(options.get("channels", 3)), options.get("size"))
-    return {"size": spec.height, "mean": list(spec.mean), "std": list(spec.std), **options}
+    fitted = {"resize": spec.resize, "crop_mode": spec.crop_mode, "crop_pct": spec.crop_pct}
+    return {"size": spec.height, "mean": list(spec.mean), "std": list(spec.std), **fitted, **options}
 
 
 def method_options(method: str, metric: str | None, pairs: Sequence[str]) -> dict[str, Any]:

@@ -24,10 +24,14 @@ def load_image_folders(
     class_names: Sequence[str] | None = None,
     cache: bool = True,
     cache_dir: PathLike | None = None,
+    resize: str = "box",
+    crop_mode: str = "squash",
+    crop_pct: float = 1.0,
 ) -> FewShotDataset:
     """Load one set from several folders or zips of ``<class>/<file>`` images (one top folder allowed).
 
-    Each class is its own group. ``mean``/``std`` default to ImageNet's for RGB, (0, 1) for L.
+    Each class is its own group. ``mean``/``std`` default to ImageNet's for RGB, (0, 1) for L;
+    ``resize``, ``crop_mode`` and ``crop_pct`` fit each image to ``size`` as ``InputSpec`` says.
     ``max_per_class`` keeps the first files by sorted name; ``class_names`` keeps those classes,
     in that order. A class found in two sources is an error. Caching as in ``load_omniglot``.
     """
@@ -40,6 +44,9 @@ def load_image_folders(
         width=size,
         mean=tuple(mean) if mean is not None else (IMAGENET_MEAN if rgb else (0.0,)),
         std=tuple(std) if std is not None else (IMAGENET_STD if rgb else (1.0,)),
+        resize=resize,
+        crop_mode=crop_mode,
+        crop_pct=crop_pct,
     )
     with open_sources(sources) as trees:
         classes = {key: files[:max_per_class] for key, files in collect(trees, depth=1).items()}
