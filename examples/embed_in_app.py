@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fewshot_edge.imagefiles import class_folders, image_files
-from fewshot_edge.pretrained import default_bundle
 from fewshot_edge.runtime import FewShotInputError, FewShotModel
+from fewshot_edge.runtime.pretrained import default_bundle
 
 
 def stream(folder: Path, watch: bool, poll_s: float = 0.5) -> Iterator[Path]:

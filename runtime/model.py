@@ -16,6 +16,7 @@ from .bundle import Bundle, open_bundle
 from .engine import Engine
 from .errors import FewShotInputError
 from .preprocess import Frame, ImageLike, InputSpec, normalize, preprocess, source_hash, to_pixels
+from .pretrained import resolve_bundle
 from .store import RESERVED_LABEL, EnrollmentStore, validate_label
 
 Images = ImageLike | Sequence[ImageLike]
@@ -59,7 +60,8 @@ class FewShotModel:
         backend: str = "auto",
         engines: str | Path | None = None,
     ) -> FewShotModel:
-        """Open a bundle with an enrollment store (a SQLite path; None = in memory).
+        """Open a bundle (a folder, or the name of one that ships with the runtime, e.g. "omniglot-conv4")
+        with an enrollment store (a SQLite path; None = in memory).
 
         ``adapt`` names the adaptation mode (None = the store's remembered mode when the bundle has
         it, else the bundle's default); ``adapt_options`` overrides that mode's parameters (e.g.
@@ -72,7 +74,7 @@ class FewShotModel:
         machine can run, logged; tensorrt, tensorrt-ep, cuda, cpu) runs it, or exactly ``providers``
         when given; TensorRT engines are cached in ``engines`` (default: beside the bundle).
         """
-        bundle = open_bundle(bundle_dir)
+        bundle = open_bundle(resolve_bundle(bundle_dir))
         modes = bundle.manifest.adaptation.modes
         asked = (
             _mode(bundle, adapt, None) if adapt else None

@@ -341,11 +341,37 @@ def test_example_app_enrolls_and_classifies(env):
 
 
 def test_default_bundle_is_found_or_named_missing(monkeypatch):
-    import fewshot_edge.pretrained as pretrained
+    import fewshot_edge.runtime.pretrained as pretrained
 
+    assert pretrained.default_bundle() == pretrained.shipped_bundle("omniglot-conv4")
     monkeypatch.setattr(pretrained, "DEFAULT_BUNDLE", "no-such-bundle")
-    with pytest.raises(FewShotInputError, match="pretrained bundle is not installed"):
+    with pytest.raises(
+        FewShotInputError, match=r"no bundle folder or shipped bundle named 'no-such-bundle' \(shipped: "
+    ):
         pretrained.default_bundle()
+
+
+def test_a_shipped_bundle_opens_by_name_from_python_and_the_cli(tmp_path):
+    with FewShotModel.open("omniglot-conv4") as model:
+        assert model.bundle.path.name == "omniglot-conv4" and model.spec.height == 28
+    result = run("info", "omniglot-conv4")
+    assert "omniglot-conv4" in result.stdout
+    shots = tmp_path / "shots" / "ring"
+    shots.mkdir(parents=True)
+    Image.fromarray(np.full((28, 28), 255, np.uint8)).save(shots / "1.png")
+    run("enroll", "--bundle", "omniglot-conv4", "--store", tmp_path / "s.db", tmp_path / "shots")
+    assert "ring" in run("classes", "list", "--bundle", "omniglot-conv4", "--store", tmp_path / "s.db").stdout
+    for args in (
+        ["info", "mini-nothing"],
+        ["classes", "list", "--bundle", "mini-nothing", "--store", tmp_path / "t.db"],
+    ):
+        bad = run(*args, ok=False)
+        assert bad.exit_code == 2 and "no bundle folder or shipped bundle named 'mini-nothing'" in bad.stderr
+    assert not (tmp_path / "t.db").exists()
+    with pytest.raises(FewShotInputError, match="no bundle folder or shipped bundle named 'mini-nothing'"):
+        FewShotModel.open("mini-nothing")
+    with pytest.raises(FewShotInputError, match="manifest.json not found"):
+        FewShotModel.open(tmp_path / "missing")  # a path is never taken for a name
 
 
 def test_desktop_commands_without_torch_say_which_extra_they_need(tmp_path):

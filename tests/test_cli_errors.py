@@ -52,14 +52,14 @@ def cli(error: str, *args: str, debug_env: str | None = None) -> subprocess.Comp
     ],
 )
 def test_an_internal_error_is_one_line_exit_1(error, line):
-    done = cli(error, "info", "some-bundle")
+    done = cli(error, "info", "./some-bundle")
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [line]
 
 
 @pytest.mark.parametrize("args, debug_env", [(["--debug"], None), ([], "1")])
 def test_debug_flag_or_env_var_shows_the_traceback(args, debug_env):
-    done = cli("runtime", *args, "info", "some-bundle", debug_env=debug_env)
+    done = cli("runtime", *args, "info", "./some-bundle", debug_env=debug_env)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert lines[0] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: something broke"
@@ -67,7 +67,7 @@ def test_debug_flag_or_env_var_shows_the_traceback(args, debug_env):
 
 
 def test_debug_env_var_off_keeps_one_line():
-    done = cli("runtime", "info", "some-bundle", debug_env="0")
+    done = cli("runtime", "info", "./some-bundle", debug_env="0")
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
 
 
@@ -88,7 +88,7 @@ def test_only_input_errors_exit_2(monkeypatch, error, code, message):
         raise error
 
     monkeypatch.setattr(deploy, "open_bundle", broken)
-    result = CliRunner().invoke(main, ["info", "some-bundle"])
+    result = CliRunner().invoke(main, ["info", "./some-bundle"])
     assert result.exit_code == code and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(message)
 

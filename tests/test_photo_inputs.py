@@ -14,10 +14,10 @@ from runtime_support import linear_encoder, make_bundle, weight
 
 from fewshot_edge import glyphs
 from fewshot_edge.data import load_image_folders
-from fewshot_edge.pretrained import default_bundle
 from fewshot_edge.runtime import FewShotInputError, FewShotModel, Frame, InputSpec, open_bundle, to_pixels, write_bundle
 from fewshot_edge.runtime.bundle import EmbeddingSpec
 from fewshot_edge.runtime.preprocess import preprocess, source_hash
+from fewshot_edge.runtime.pretrained import default_bundle
 
 RGB = InputSpec(3, 8, 8)
 GRAY = InputSpec(1, 8, 8)

@@ -10,16 +10,16 @@ from typing import Any
 
 import click
 
-from fewshot_edge.pretrained import default_bundle
 from fewshot_edge.runtime import InputSpec, open_bundle, preprocess
 from fewshot_edge.runtime.bench import peak_rss_mb, rate, run_benchmark, shape_text, source_images, time_calls
+from fewshot_edge.runtime.pretrained import default_bundle
 
 from .common import InputError, emit_json, main, reports_input_errors
-from .options import engine_options
+from .options import engine_options, resolved_bundle
 
 
 @main.command()
-@click.argument("bundle", required=False)
+@click.argument("bundle", required=False, callback=resolved_bundle)
 @click.option(
     "--threads",
     type=int,

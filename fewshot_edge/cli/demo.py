@@ -15,9 +15,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from fewshot_edge import glyphs
-from fewshot_edge.pretrained import default_bundle
 from fewshot_edge.runtime import FewShotModel, Prediction
 from fewshot_edge.runtime.preprocess import decode_image
+from fewshot_edge.runtime.pretrained import default_bundle
 from fewshot_edge.runtime.stats import confidence_interval
 
 from .common import InputError, main, reports_input_errors
@@ -55,7 +55,7 @@ def demo(
     """
     if n_way < 2 or q_query < 1 or episodes < 1:
         raise InputError("--ways must be at least 2, --queries and --episodes at least 1")
-    bundle_dir = Path(bundle) if bundle else default_bundle()
+    bundle_dir = bundle or default_bundle()
     if data:
         omniglot_episodes(bundle_dir, data, n_way, q_query, episodes, seed)
     else:

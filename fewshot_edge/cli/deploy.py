@@ -9,16 +9,16 @@ from typing import Any
 
 import click
 
-from fewshot_edge.pretrained import default_bundle
 from fewshot_edge.runtime import open_bundle
 from fewshot_edge.runtime.backends import availability, engine_dir, select, tensorrt_missing
+from fewshot_edge.runtime.pretrained import default_bundle
 
 from .common import InputError, emit_json, main, reports_input_errors
-from .options import engine_dir_option
+from .options import engine_dir_option, resolved_bundle
 
 
 @main.command()
-@click.argument("bundle", required=False)
+@click.argument("bundle", required=False, callback=resolved_bundle)
 @engine_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @reports_input_errors
@@ -67,7 +67,7 @@ def _sidecar(engine: Path) -> dict[str, Any]:
 
 
 @main.command(name="build-engine")
-@click.argument("bundle")
+@click.argument("bundle", callback=resolved_bundle)
 @click.option("--fp16", "precision", flag_value="fp16", help="FP16 engine (from the fp32 encoder).")
 @click.option("--int8", "precision", flag_value="int8", help="INT8 engine (from the bundle's QDQ int8 encoder).")
 @click.option("--min-batch", default=1, show_default=True, help="Smallest batch of the optimisation profile.")

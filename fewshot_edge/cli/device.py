@@ -16,9 +16,9 @@ import click
 from tqdm import tqdm
 
 from fewshot_edge.imagefiles import class_folders, image_files
-from fewshot_edge.pretrained import default_bundle
 from fewshot_edge.runtime import FewShotInputError, FewShotModel, Prediction, validate_label
 from fewshot_edge.runtime.preprocess import load_image
+from fewshot_edge.runtime.pretrained import default_bundle
 
 from .common import InputError, emit_json, main, reports_input_errors
 from .options import engine_options, store_options
@@ -53,10 +53,10 @@ def open_model(
         raise InputError(str(exc).replace("open it with reembed=True", "pass --reembed")) from None
 
 
-def bundle_args(bundle: str | None, store: str) -> str:
+def bundle_args(bundle: str | Path | None, store: str | Path) -> str:
     """The --bundle/--store part of a command line, quoted for a shell (--bundle only when given)."""
-    given = ["--bundle", bundle] if bundle else []
-    return shlex.join([*given, "--store", store])
+    given = ["--bundle", str(bundle)] if bundle else []
+    return shlex.join([*given, "--store", str(store)])
 
 
 def expand_images(paths: Sequence[str]) -> list[Path]:

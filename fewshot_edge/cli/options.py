@@ -4,19 +4,36 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from fewshot_edge.runtime.backends import AUTO, BACKENDS
 from fewshot_edge.runtime.bundle import PRECISIONS
+from fewshot_edge.runtime.errors import FewShotInputError
+from fewshot_edge.runtime.pretrained import resolve_bundle
 
 from .common import InputError
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
+
+def resolved_bundle(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> Path | None:
+    """A --bundle value (or BUNDLE argument) as a folder: itself, or the shipped bundle it names."""
+    if value is None:
+        return None
+    try:
+        return resolve_bundle(value)
+    except FewShotInputError as exc:
+        raise InputError(str(exc)) from None
+
+
 bundle_option: Decorator = click.option(
-    "--bundle", metavar="DIR", help="Bundle folder (manifest.json + ONNX) [the pretrained Omniglot Conv-4]."
+    "--bundle",
+    metavar="DIR|NAME",
+    callback=resolved_bundle,
+    help="Bundle folder (manifest.json + ONNX), or the name of a shipped one [omniglot-conv4].",
 )
 engine_dir_option: Decorator = click.option(
     "--engine-dir", "engines", metavar="DIR", help="Where TensorRT engines are cached [BUNDLE/engines if writable]."
