@@ -4,7 +4,18 @@ Export writes it with ``write_bundle``; the device opens it with ``open_bundle``
 bundle whose format, version, hashes or model id do not check out, with a one-line reason.
 
 ``model_id`` is the sha256 of the UTF-8 text made of one ``"<name>:<sha256>\\n"`` line per listed
-file, sorted by name. A file's role defaults to its name without suffix (``encoder.onnx`` ->
+file, sorted by name: it names the model files (a store is bound to it), not the manifest.
+
+The manifest's own content is verified too: ``manifest_sha256`` is the sha256 of the canonical JSON
+(``canonical_json``) of every other top-level field except ``signature``, so editing any value (invert,
+mean/std, thresholds, temperature, metric, a file's hash, the version...) makes open fail. This is
+tamper-*evidence* against accidents (a hand edit, a bad copy, a merge tool): whoever edits on purpose
+can recompute it, or delete it (a manifest without it reads as one from before it existed). Against
+that, sign: ``signature`` (see ``signing.py``) covers the canonical JSON of every other field, and a
+device given trusted keys (``open_bundle(..., trusted_keys=...)``) opens only bundles one of them
+signed. Neither changes what a field means, so neither raises ``format_version``: a runtime from
+before them opens these bundles as before (without checking them). Unknown top-level fields are
+refused, so a one-byte edit of a field's name cannot turn the record into an ignored field. A file's role defaults to its name without suffix (``encoder.onnx`` ->
 ``encoder``); the runtime embeds with the file whose role is ``encoder``.
 
 Precision variants of the encoder (``encoder.fp16.onnx``, ``encoder.int8.onnx``) are extra files with
@@ -16,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -24,12 +36,32 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import signing
 from .errors import FewShotInputError
 from .preprocess import InputSpec
+from .signing import SigningKey, TrustedKeys
 
 FORMAT = "fewshot-edge-bundle"
 FORMAT_VERSION = 2  # the newest format this runtime reads; it reads every one from 1
 MANIFEST = "manifest.json"
+INTEGRITY = "manifest_sha256"  # sha256 of the canonical JSON of every other field but the signature
+SIGNATURE = "signature"  # see signing.py
+FIELDS = (
+    "format",
+    "format_version",
+    "model_id",
+    "files",
+    "input",
+    "embedding",
+    "adaptation",
+    "calibration",
+    "provenance",
+    "variants",
+    INTEGRITY,
+    SIGNATURE,
+)  # every top-level field a manifest may have; any other is refused
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_DEPTH = 32  # nesting of objects and arrays in a manifest (the writer's deepest is 5)
 METRICS = ("sqeuclidean", "cosine")
 OPEN_SET_STATISTICS = ("nearest_distance",)
 OPEN_SET_BY_SHOTS = (
@@ -146,6 +178,9 @@ class Adaptation:
     modes: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"prototype": {}})
 
     def __post_init__(self) -> None:
+        modes: Any = self.modes  # parsed JSON may hold anything: a mode that is null, a list...
+        if not isinstance(modes, Mapping) or not all(isinstance(v, Mapping) for v in modes.values()):
+            raise FewShotInputError("adaptation modes must map each mode's name to an object of its parameters")
         if self.default not in self.modes:
             raise FewShotInputError(
                 f"default adaptation mode {self.default!r} is not among the modes ({', '.join(self.modes)})"
@@ -197,6 +232,9 @@ class Manifest:
         """Parse a manifest dict; a wrong format, unknown version or missing key raises FewShotInputError."""
         if not isinstance(d, dict):
             raise FewShotInputError("manifest.json must hold a JSON object")
+        unknown = [str(k) for k in d if k not in FIELDS]
+        if unknown:
+            raise FewShotInputError(f"manifest.json has unknown field(s) {', '.join(map(repr, unknown[:3]))}")
         if d.get("format") != FORMAT:
             raise FewShotInputError(f"not a {FORMAT} manifest (format={d.get('format')!r})")
         version = d.get("format_version")
@@ -208,11 +246,17 @@ class Manifest:
             for key in ("channels", "height", "width"):
                 _get(d, "input", key)
             open_set = _get(d, "calibration", "open_set", default={})
+            files = _get(d, "files")
+            if not isinstance(files, dict):
+                raise TypeError("files must be an object")
             return cls(
-                model_id=str(_get(d, "model_id")),
+                model_id=_string(_get(d, "model_id"), "model_id"),
                 files={
-                    str(name): FileEntry(str(_get(d, "files", name, "sha256")), str(_get(d, "files", name, "role")))
-                    for name in _get(d, "files")
+                    name: FileEntry(
+                        _string(_get(d, "files", name, "sha256"), f"files.{name}.sha256"),
+                        _string(_get(d, "files", name, "role"), f"files.{name}.role"),
+                    )
+                    for name in files
                 },
                 input_spec=InputSpec.from_dict(_get(d, "input")),
                 embedding=EmbeddingSpec(
@@ -221,21 +265,38 @@ class Manifest:
                     scale=float(_get(d, "embedding", "scale", default=1.0)),
                 ),
                 adaptation=Adaptation(
-                    default=str(_get(d, "adaptation", "default")), modes=dict(_get(d, "adaptation", "modes"))
+                    default=_string(_get(d, "adaptation", "default"), "adaptation.default"),
+                    modes=_object(_get(d, "adaptation", "modes"), "adaptation.modes"),
                 ),
                 calibration=Calibration(
                     temperature=float(_get(d, "calibration", "temperature", default=1.0)),
                     open_set=OpenSet(**{k: v for k, v in open_set.items() if k in OpenSet.__dataclass_fields__}),
                 ),
-                provenance=dict(_get(d, "provenance", default={})),
-                variants={str(k): dict(v) for k, v in _get(d, "variants", default={}).items()},
+                provenance=_object(_get(d, "provenance", default={}), "provenance"),
+                variants={
+                    k: _object(v, f"variants.{k}")
+                    for k, v in _object(_get(d, "variants", default={}), "variants").items()
+                },
             )
         except FewShotInputError:
             raise
         except KeyError as exc:
             raise FewShotInputError(f"manifest.json misses key {exc.args[0]!r}") from None
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise FewShotInputError(f"manifest.json has an invalid field ({exc})") from None
+        except (TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FewShotInputError(f"manifest.json has an invalid field ({reason})") from None
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{where} must be a string")
+    return value
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"{where} must be an object")
+    return dict(value)
 
 
 _REQUIRED = object()
@@ -257,10 +318,12 @@ def _get(d: Any, *path: str, default: Any = _REQUIRED) -> Any:
 
 @dataclass(frozen=True)
 class Bundle:
-    """An opened, verified bundle."""
+    """An opened, verified bundle; ``signed_by`` is the id of the trusted key whose signature was
+    verified (None when no trusted keys were given)."""
 
     path: Path
     manifest: Manifest
+    signed_by: str | None = None
 
     @property
     def model_id(self) -> str:
@@ -304,18 +367,124 @@ def compute_model_id(file_hashes: Mapping[str, str]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def open_bundle(path: str | Path) -> Bundle:
-    """Open a bundle folder, verifying format, version, every file's sha256 and the model id."""
+class _Number(str):
+    """A JSON number as written, kept as its text by ``_parse(literal=True)`` for ``canonical_json``."""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError(f"duplicate key {next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))!r}")
+    return d
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse(text: str, literal: bool = False) -> Any:
+    """JSON with duplicate keys and NaN/Infinity refused; with ``literal``, numbers stay their text."""
+    numbers: dict[str, Any] = {"parse_float": _Number, "parse_int": _Number} if literal else {}
+    return json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constant, **numbers)
+
+
+def canonical_json(value: Any) -> str:
+    """The canonical text of a parsed manifest value: objects with sorted keys, no whitespace, strings
+    ASCII-escaped as ``json.dumps`` does, numbers exactly as written (parsed with ``_parse(literal=True)``),
+    so changing any digit changes the text, and re-indenting or re-ordering keys does not."""
+    if isinstance(value, _Number):
+        return str(value)
+    if isinstance(value, str) or value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{canonical_json(value[k])}" for k in sorted(value)) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(canonical_json(v) for v in value) + "]"
+    raise TypeError(f"not a parsed JSON value: {type(value).__name__}")
+
+
+def manifest_digest(literal: Mapping[str, Any]) -> str:
+    """``manifest_sha256`` of a manifest parsed with ``_parse(literal=True)``: every field but it and the signature."""
+    rest = {k: v for k, v in literal.items() if k not in (INTEGRITY, SIGNATURE)}
+    return hashlib.sha256(canonical_json(rest).encode("ascii")).hexdigest()
+
+
+def manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """The ``manifest_sha256`` a manifest dict (as ``Manifest.to_dict`` builds it, or as read and then
+    edited on purpose) is written with; its own ``manifest_sha256`` and ``signature`` are left out."""
+    try:
+        return manifest_digest(_parse(json.dumps(manifest, allow_nan=False), literal=True))
+    except ValueError as exc:
+        raise FewShotInputError(f"manifest values must be finite JSON numbers ({exc})") from None
+
+
+def signed_message(literal: Mapping[str, Any]) -> bytes:
+    """What a manifest's signature signs: the canonical JSON of every field but the signature."""
+    return canonical_json({k: v for k, v in literal.items() if k != SIGNATURE}).encode("ascii")
+
+
+def _depth(value: Any) -> int:
+    """How deep objects and arrays nest in ``value`` (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth + 1)
+            if deepest > MAX_DEPTH:
+                return deepest
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def read_manifest(data: bytes, trusted: Mapping[str, Any] | None = None) -> tuple[Manifest, str | None]:
+    """Parse and verify the bytes of a ``manifest.json``: JSON, nesting, ``manifest_sha256``, then (with
+    ``trusted``: key id -> public key, from ``signing.load_trusted_keys``) the signature, then every
+    field. The manifest and the id of the key that signed it (None unless verified); anything wrong is a
+    one-line FewShotInputError, never another exception."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise FewShotInputError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+    try:
+        text = data.decode("utf-8")
+        raw, literal = _parse(text), _parse(text, literal=True)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = str(exc).splitlines()[0] if str(exc).strip() else "nested too deeply"
+        raise FewShotInputError(f"{MANIFEST} is not valid JSON ({reason})") from None
+    if _depth(raw) > MAX_DEPTH:
+        raise FewShotInputError(f"{MANIFEST} nests objects or arrays deeper than {MAX_DEPTH} levels")
+    if not isinstance(raw, dict):
+        raise FewShotInputError(f"{MANIFEST} must hold a JSON object")
+    if INTEGRITY in raw:
+        if raw[INTEGRITY] != manifest_digest(literal):
+            raise FewShotInputError(
+                f"{MANIFEST} does not match its {INTEGRITY} (the manifest was modified or is corrupt)"
+            )
+    elif SIGNATURE in raw:
+        raise FewShotInputError(f"{MANIFEST} is signed but has no {INTEGRITY}")
+    signed_by = None
+    if trusted is not None:
+        signed_by = signing.verify_signature(raw.get(SIGNATURE), signed_message(literal), trusted)
+    elif SIGNATURE in raw:
+        signing.check_signature_shape(raw[SIGNATURE])  # a malformed signature is an error even unverified
+    return Manifest.from_dict(raw), signed_by
+
+
+def open_bundle(path: str | Path, trusted_keys: TrustedKeys | None = None) -> Bundle:
+    """Open a bundle folder, verifying format, version, the manifest's own digest, every file's sha256
+    and the model id. With ``trusted_keys`` (public key files or bytes, or folders of ``*.pub``/``*.pem``
+    files; see ``signing.load_trusted_keys``) the manifest must also carry a valid signature by one of
+    them: an unsigned bundle, or one signed by another key, is refused."""
     root = Path(path)
+    trusted = signing.load_trusted_keys(trusted_keys) if trusted_keys is not None else None
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise FewShotInputError(f"bundle {root}: {MANIFEST} not found")
     try:
-        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FewShotInputError(f"bundle {root}: {MANIFEST} is not valid JSON ({exc})") from None
+        data = manifest_path.read_bytes()
+    except OSError as exc:
+        raise FewShotInputError(f"bundle {root}: {MANIFEST} cannot be read ({exc.strerror or exc})") from None
     try:
-        manifest = Manifest.from_dict(raw)
+        manifest, signed_by = read_manifest(data, trusted)
     except FewShotInputError as exc:
         raise FewShotInputError(f"bundle {root}: {exc}") from None
     if not any(entry.role == "encoder" for entry in manifest.files.values()):
@@ -328,7 +497,43 @@ def open_bundle(path: str | Path) -> Bundle:
             raise FewShotInputError(f"bundle {root}: {name} does not match its sha256 (modified or corrupt)")
     if compute_model_id({n: e.sha256 for n, e in manifest.files.items()}) != manifest.model_id:
         raise FewShotInputError(f"bundle {root}: model_id does not match the file hashes")
-    return Bundle(root, manifest)
+    return Bundle(root, manifest, signed_by)
+
+
+def manifest_text(manifest: Manifest, signing_key: SigningKey | None = None) -> str:
+    """The text of ``manifest.json``: the manifest's fields, its ``manifest_sha256`` and, with a
+    ``signing_key``, its signature."""
+    d = manifest.to_dict()
+    for value in (manifest.calibration.temperature, manifest.embedding.scale):
+        if not math.isfinite(value):
+            raise FewShotInputError(f"manifest values must be finite, got {value}")
+    d[INTEGRITY] = manifest_sha256(d)
+    if signing_key is not None:
+        d[SIGNATURE] = signing_key.sign(signed_message(_parse(json.dumps(d), literal=True)))
+    return json.dumps(d, indent=2) + "\n"
+
+
+def seal_bundle(
+    path: str | Path,
+    signing_key: SigningKey | str | Path | bytes | None = None,
+    trusted_keys: TrustedKeys | None = None,
+) -> Bundle:
+    """Rewrite the manifest of the bundle at ``path`` (opened and verified first, with ``trusted_keys``
+    when given) with its ``manifest_sha256`` and, with a ``signing_key`` (a key or its PEM file), a
+    signature; the files are not touched, so the model id stays. The manifest is replaced atomically."""
+    key = signing.load_signing_key(signing_key) if signing_key is not None else None
+    bundle = open_bundle(path, trusted_keys)
+    text = manifest_text(bundle.manifest, key)
+    tmp = bundle.path / f".{MANIFEST}.tmp"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _fsync(tmp)
+        os.replace(tmp, bundle.path / MANIFEST)
+        _fsync(bundle.path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return open_bundle(bundle.path)
 
 
 def write_bundle(
@@ -343,10 +548,13 @@ def write_bundle(
     roles: Mapping[str, str] | None = None,
     overwrite: bool = False,
     variants: Mapping[str, Mapping[str, Any]] | None = None,
+    signing_key: SigningKey | str | Path | bytes | None = None,
 ) -> Bundle:
     """Write a bundle atomically: files (name -> source path or bytes) and manifest go to a temporary
     folder beside ``out_dir`` that is renamed into place, so no reader ever sees half a bundle.
-    Hashes and model id are computed here; ``roles`` overrides the name-derived roles."""
+    Hashes, model id and ``manifest_sha256`` are computed here; ``roles`` overrides the name-derived
+    roles; ``signing_key`` (a ``SigningKey`` or a PEM private key file) signs the manifest."""
+    key = signing.load_signing_key(signing_key) if signing_key is not None else None
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FewShotInputError(f"bundle folder already exists: {out} (pass overwrite=True to replace it)")
@@ -376,14 +584,14 @@ def write_bundle(
             provenance=dict(provenance or {}),
             variants=dict(variants or {}),
         )
-        (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (tmp / MANIFEST).write_text(manifest_text(manifest, key), encoding="utf-8")
         for name in [*files, MANIFEST]:
             _fsync(tmp / name)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Bundle(out, manifest)
+    return Bundle(out, manifest, key.key_id if key is not None else None)
 
 
 def _is_plain_name(name: str) -> bool:

@@ -3,6 +3,7 @@ are ``normalised pixels flattened @ weight`` and so can be computed by hand, and
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fewshot_edge.runtime import Adaptation, Calibration, EmbeddingSpec, InputSpec, OpenSet, write_bundle
-from fewshot_edge.runtime.bundle import Bundle
+from fewshot_edge.runtime.bundle import Bundle, manifest_sha256
 
 SPEC = InputSpec(channels=1, height=4, width=4)
 DIM = 3
@@ -168,3 +169,10 @@ def run_python(code: str, *args: str, timeout: float = 60) -> str:
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write an edited manifest dict as ``folder/manifest.json`` with its ``manifest_sha256`` recomputed (and
+    any signature dropped), so a test's edit reaches the field checks instead of the integrity check."""
+    manifest = {k: v for k, v in manifest.items() if k not in ("manifest_sha256", "signature")}
+    (Path(folder) / "manifest.json").write_text(json.dumps({**manifest, "manifest_sha256": manifest_sha256(manifest)}))

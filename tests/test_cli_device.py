@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from runtime_support import BLOCK_TORCH, images, make_bundle, weight
+from runtime_support import BLOCK_TORCH, images, make_bundle, weight, write_manifest
 
 from fewshot_edge.cli import main
 from fewshot_edge.cli.bench import format_bench, pytorch_figures
@@ -137,7 +137,7 @@ def tamper_onnx(bundle: Path) -> None:
 def edit_manifest(bundle: Path, **changes) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest.update(changes)
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle, manifest)
 
 
 BAD_ENROLLMENTS = {

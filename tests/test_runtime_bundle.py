@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from runtime_support import SPEC, linear_encoder, make_bundle, weight
+from runtime_support import SPEC, linear_encoder, make_bundle, weight, write_manifest
 
 from fewshot_edge.runtime import (
     Adaptation,
@@ -37,7 +37,7 @@ def refused(path: Path, *fragments: str) -> str:
 def edit_manifest(path: Path, edit) -> None:
     manifest = json.loads((path / "manifest.json").read_text())
     edit(manifest)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(path, manifest)  # the edit on purpose, its digest recomputed: the field checks must catch it
 
 
 def test_write_then_open_round_trips_every_field(tmp_path):
@@ -82,6 +82,7 @@ def test_write_then_open_round_trips_every_field(tmp_path):
         "adaptation",
         "calibration",
         "provenance",
+        "manifest_sha256",
     }
 
 
@@ -100,7 +101,7 @@ def test_thresholds_by_shots_round_trip_with_string_keys(tmp_path):
         calibration=Calibration(1.5, open_set),
     )
     raw = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert raw == written.manifest.to_dict()
+    assert raw.pop("manifest_sha256") and raw == written.manifest.to_dict()
     assert raw["calibration"]["open_set"]["thresholds_by_shots"] == {"1": 0.9, "2": 0.8, "3": 0.6}
     assert list(raw["calibration"]["open_set"]["thresholds_by_shots"]) == ["1", "2", "3"]
     assert Manifest.from_dict(raw) == written.manifest == open_bundle(tmp_path / "b").manifest

@@ -19,6 +19,7 @@ from runtime_support import (
     make_film_bundle,
     run_python,
     weight,
+    write_manifest,
 )
 
 from fewshot_edge.runtime import Engine, FewShotInputError, FewShotModel
@@ -149,7 +150,7 @@ def test_a_film_size_the_graphs_do_not_have_is_refused(tmp_path, params, film_si
     film = manifest["adaptation"]["modes"]["film"]
     film["film_size"] = film_size
     film["identity"] = identity or film["identity"]
-    (bundle.path / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle.path, manifest)
     with pytest.raises(FewShotInputError, match=re.escape(message)):
         FewShotModel.open(bundle.path)
 
@@ -158,7 +159,7 @@ def test_film_mode_on_a_plain_encoder_is_refused(tmp_path, params):
     plain = make_bundle(tmp_path / "plain", params[0]).path
     manifest = json.loads((plain / "manifest.json").read_text())
     manifest["adaptation"]["modes"]["film"] = {"film_size": 2 * DIM, "identity": [1.0] * DIM + [0.0] * DIM}
-    (plain / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(plain, manifest)
     with pytest.raises(
         FewShotInputError, match="adaptation mode 'film' needs a FiLM encoder; encoder.onnx takes no film input"
     ):

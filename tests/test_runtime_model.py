@@ -17,6 +17,7 @@ from runtime_support import (
     make_bundle,
     run_python,
     weight,
+    write_manifest,
 )
 
 from fewshot_edge.runtime import Adaptation, EmbeddingSpec, FewShotInputError, FewShotModel, InputSpec, write_bundle
@@ -125,7 +126,7 @@ def test_an_old_manifest_single_threshold_applies_to_every_shot_count(tmp_path, 
     make_bundle(tmp_path / "b", w, threshold=threshold)
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     manifest["calibration"]["open_set"] = {"threshold": threshold, "statistic": "nearest_distance", "fitted_on": "old"}
-    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(tmp_path / "b", manifest)
     with FewShotModel.open(tmp_path / "b") as m:
         enroll_one_three_nine(m)
         predictions = m.predict(NEAR)
