@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -17,9 +19,10 @@ from .engine import Engine
 from .errors import FewShotInputError
 from .preprocess import Frame, ImageLike, InputSpec, normalize, preprocess, source_hash, to_pixels
 from .pretrained import resolve_bundle
-from .store import RESERVED_LABEL, EnrollmentStore, validate_label
+from .store import RESERVED_LABEL, EnrollmentStore, NewShots, store_path, validate_label
 
 Images = ImageLike | Sequence[ImageLike]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,55 @@ class Prediction:
     top_k: list[tuple[str, float]]
 
 
+class _ReadWriteLock:
+    """Many readers at once, or one writer; a waiting writer holds off new readers so writes are not
+    starved. Not re-entrant: a holder never asks again."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 class FewShotModel:
-    """A bundle's encoder, an adaptation mode and an enrollment store. Open with ``FewShotModel.open``."""
+    """A bundle's encoder, an adaptation mode and an enrollment store. Open with ``FewShotModel.open``.
+
+    Thread-safe: one model may be shared by threads (a camera thread and a UI thread, a server's
+    workers). Reads (``predict``, ``predict_proba``, ``embed``, ``labels``, ``classes``) run in
+    parallel; writes (enrolling, removing, renaming, refitting) are serialised and wait for the reads
+    in flight. Images are decoded and preprocessed outside any lock. A TensorRT engine, which is not
+    safe to run from two threads, is run by one thread at a time.
+    """
 
     def __init__(self, bundle: Bundle, engine: Engine, adapter: Adapter, store: EnrollmentStore) -> None:
         self.bundle = bundle
@@ -45,6 +95,11 @@ class FewShotModel:
         self.spec: InputSpec = bundle.manifest.input_spec
         self._calibration = bundle.manifest.calibration
         self._fitted_version: int | None = None
+        self._lock = _ReadWriteLock()
+        # onnxruntime sessions may be run from several threads at once; anything else (TensorRT) may not
+        self._engine_lock: contextlib.AbstractContextManager[Any] = (
+            contextlib.nullcontext() if type(engine) is Engine else threading.Lock()
+        )
 
     @classmethod
     def open(
@@ -59,9 +114,12 @@ class FewShotModel:
         precision: str = "fp32",
         backend: str = "auto",
         engines: str | Path | None = None,
+        create: bool = True,
     ) -> FewShotModel:
         """Open a bundle (a folder, or the name of one that ships with the runtime, e.g. "omniglot-conv4")
-        with an enrollment store (a SQLite path; None = in memory).
+        with an enrollment store (a SQLite path; None = in memory). A new store file is created only
+        once the bundle, the mode and the encoder have all checked out, and not at all unless ``create``
+        (then a missing or zero-byte file is refused, as read-only uses want).
 
         ``adapt`` names the adaptation mode (None = the store's remembered mode when the bundle has
         it, else the bundle's default); ``adapt_options`` overrides that mode's parameters (e.g.
@@ -74,6 +132,7 @@ class FewShotModel:
         machine can run, logged; tensorrt, tensorrt-ep, cuda, cpu) runs it, or exactly ``providers``
         when given; TensorRT engines are cached in ``engines`` (default: beside the bundle).
         """
+        store_path(store)  # not a path (e.g. a number) or an empty one: refused before anything is opened
         bundle = open_bundle(resolve_bundle(bundle_dir))
         modes = bundle.manifest.adaptation.modes
         asked = (
@@ -82,25 +141,72 @@ class FewShotModel:
         film_input = str(modes.get("film", {}).get("film_input", "film"))
         engine = open_encoder(bundle, precision, backend, providers, threads, film_input, engines)
         bound_to = bundle.model_id if precision == "fp32" else f"{bundle.model_id}+{precision}"
-        enrollment = EnrollmentStore.open(store, bound_to, reembed=reembed)
+        new_store = store is not None and not _holds_data(store)
+        if new_store and not create:
+            raise FewShotInputError(f"no enrollment store at {store}; enroll classes first")
+        # an existing store is opened now (its remembered mode may pick the adapter); a new one only
+        # once everything else checked out, so a refused bundle creates and binds nothing
+        enrollment = None if new_store else EnrollmentStore.open(store, bound_to, reembed=reembed, create=create)
         try:
-            mode = asked or _mode(bundle, None, enrollment.adaptation)
+            mode = asked or _mode(bundle, None, enrollment.adaptation if enrollment else None)
             adapter = ADAPTERS[mode](bundle, engine, adapt_options)
             _check_encoder(engine, adapter, bundle)
+            if enrollment is None:
+                enrollment = EnrollmentStore.open(store, bound_to, reembed=reembed, create=create)
             if enrollment.needs_reembed:
                 _reembed(enrollment, adapter, bundle)
             return cls(bundle, engine, adapter, enrollment)
         except BaseException:
-            enrollment.close()
+            if enrollment is not None:
+                enrollment.close()
             raise
 
     def enroll(self, label: str, images: Images) -> None:
         """Enroll a new class from its images (paths, PIL images, gray arrays or ``Frame``s), in one transaction."""
-        self._add(label, images, self.store.add_class)
+        self.enroll_many({label: images})
 
     def add_shots(self, label: str, images: Images) -> None:
         """Add images to an enrolled class, in one transaction."""
-        self._add(label, images, self.store.add_shots)
+        self.enroll_many({label: images}, add=True, skip_duplicates=False)
+
+    def enroll_many(
+        self, classes: Mapping[str, Images], add: bool = False, skip_duplicates: bool = True
+    ) -> dict[str, list[int]]:
+        """Enroll several new classes (or with ``add``, add images to enrolled ones) all or nothing:
+        every image is decoded, converted and embedded first (an image that fails is named in the
+        one-line error), then every class is written in ONE transaction.
+
+        With ``add`` and ``skip_duplicates``, an image whose source (file bytes or pixels) its class
+        already holds, or that is given twice, is skipped rather than stored again, so re-running an
+        interrupted add stores nothing twice. Returns label -> indices of the images skipped."""
+        if not classes:
+            raise FewShotInputError("no classes given")
+        prepared: list[tuple[str, np.ndarray, list[str]]] = []
+        for label, given in classes.items():
+            label = validate_label(label)
+            images = _as_list(given)
+            if not images:
+                raise FewShotInputError(f"no images given for class {label!r}")
+            pixels = np.stack([_pixels_of(image, i, label, self.spec) for i, image in enumerate(images)])
+            prepared.append((label, pixels, [source_hash(image) for image in images]))
+        with self._lock.write():
+            with self._engine_lock:
+                batches = [
+                    NewShots(label, self.adapter.embed(normalize(pixels, self.spec)), pixels, hashes)
+                    for label, pixels, hashes in prepared
+                ]
+            before = self._fitted_version
+            added = self.store.add_many(batches, new_classes=not add, skip_duplicates=add and skip_duplicates)
+            in_step = before is not None and added.version == before + 1
+            for batch in batches if in_step else ():
+                kept = np.setdiff1d(np.arange(len(batch.hashes)), added.skipped.get(batch.label, []))
+                if add and batch.label not in self.adapter.labels:
+                    in_step = False
+                elif len(kept) and not self.adapter.add(batch.label, batch.embeddings[kept], batch.pixels[kept]):
+                    in_step = False
+            if added.version != before:
+                self._fitted_version = added.version if in_step else None
+            return added.skipped
 
     def remove_class(self, label: str) -> None:
         self.store.remove_class(label)
@@ -115,13 +221,14 @@ class FewShotModel:
     @property
     def labels(self) -> list[str]:
         """The enrolled labels in the order of ``predict_proba``'s columns."""
-        self._fit_if_changed()
-        return list(self.adapter.labels)
+        return self._fitted(lambda: list(self.adapter.labels))
 
     def embed(self, images: Images) -> np.ndarray:
         """Embeddings (N, D) as the store keeps them: the adapter's ``embed`` (the encoder's, or for
         FiLM the encoder's under the current film)."""
-        return self.adapter.embed(preprocess(_as_list(images), self.spec))
+        batch = preprocess(_as_list(images), self.spec)
+        with self._lock.read(), self._engine_lock:
+            return self.adapter.embed(batch)
 
     def predict_proba(self, images: Images) -> np.ndarray:
         """Class probabilities (N, C), columns in ``labels`` order."""
@@ -146,11 +253,13 @@ class FewShotModel:
     def refit(self) -> None:
         """Fit the adaptation mode to the stored shots now (prediction does it when the enrolled set
         changed; this forces it, e.g. to time it or to pay it before the first query)."""
-        self._fitted_version = None
-        self._fit_if_changed(reuse=False)
+        with self._lock.write():
+            self._fitted_version = None
+            self._fit_if_changed(reuse=False)
 
     def close(self) -> None:
-        self.store.close()
+        with self._lock.write():
+            self.store.close()
 
     def __enter__(self) -> FewShotModel:
         return self
@@ -158,21 +267,20 @@ class FewShotModel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _add(self, label: str, images: Images, write: Callable[..., int]) -> None:
-        label = validate_label(label)
-        images = _as_list(images)
-        if not images:
-            raise FewShotInputError("no images given")
-        pixels = np.stack([to_pixels(image, self.spec) for image in images])
-        embeddings = self.adapter.embed(normalize(pixels, self.spec))
-        version = write(label, embeddings, pixels, [source_hash(image) for image in images])
-        in_step = self._fitted_version is not None and version == self._fitted_version + 1
-        self._fitted_version = version if in_step and self.adapter.add(label, embeddings, pixels) else None
+    def _fitted(self, read: Callable[[], T]) -> T:
+        """``read()`` on an adapter fitted to the stored shots: under the read lock when the fit is
+        current (the common case, in parallel), else refitted and read under the write lock."""
+        with self._lock.read():
+            if self.store.data_version() == self._fitted_version:
+                return read()
+        with self._lock.write():
+            self._fit_if_changed()
+            return read()
 
     def _fit_if_changed(self, reuse: bool = True) -> None:
         """Refit the adapter when the enrolled set changed since the last fit (in any process). A
         persistent mode takes back the state the store kept for this very set (unless not ``reuse``),
-        and saves what it fits."""
+        and saves what it fits. Called under the write lock."""
         if self.store.data_version() != self._fitted_version:
             adapter = self.adapter
             shots = self.store.shots(pixels=adapter.needs_pixels)
@@ -187,14 +295,37 @@ class FewShotModel:
         The logits are divided by the mode's own calibrated temperature when its parameters hold one
         (a fine-tuned head's logits are sharper than the prototypes'), else by the bundle's."""
         batch = preprocess(_as_list(images), self.spec)
-        self._fit_if_changed()
+        return self._fitted(lambda: self._score_fitted(batch))
+
+    def _score_fitted(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not self.adapter.labels:
             raise FewShotInputError("no classes enrolled; enroll some before predicting")
-        logits, nearest, shots = self.adapter.score(self.adapter.embed(batch))
+        with self._engine_lock:
+            queries = self.adapter.embed(batch)
+        logits, nearest, shots = self.adapter.score(queries)
         logits = logits / float(self.adapter.params.get("temperature", self._calibration.temperature))
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True), nearest, shots
+
+
+def _pixels_of(image: ImageLike, index: int, label: str, spec: InputSpec) -> np.ndarray:
+    """``to_pixels`` of one enrollment image, an error naming the file (or the image's place) it came from."""
+    try:
+        return to_pixels(image, spec)
+    except FewShotInputError as exc:
+        where = str(image) if isinstance(image, (str, Path)) else f"image {index} of class {label!r}"
+        message = str(exc)
+        raise FewShotInputError(message if where in message else f"{where}: {message}") from None
+
+
+def _holds_data(path: object) -> bool:
+    """Whether the store path names a file with something in it (no store is created for this check)."""
+    try:
+        file = Path(store_path(path))
+        return file.is_file() and file.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _mode(bundle: Bundle, asked: str | None, remembered: str | None) -> str:

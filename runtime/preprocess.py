@@ -172,7 +172,12 @@ def decode_image(source: bytes | Path, name: str | Path) -> Image.Image:
         with image:
             image.load()
         return image
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning when raised as an error
+        raise FewShotInputError(
+            f"image too large to decode safely: {name} (over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels;"
+            f" {exc.__class__.__name__})"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise FewShotInputError(f"not a readable image: {name} ({exc.__class__.__name__})") from None
 
 
@@ -279,6 +284,12 @@ def to_pixels(source: ImageLike, spec: InputSpec) -> np.ndarray:
     """Decode, turn upright, convert to the spec's mode (compositing transparency), resize and crop
     (antialiased) and optionally invert: uint8 (C, H, W)."""
     image = load_image(source)
+    if image.width < 1 or image.height < 1:
+        raise FewShotInputError(f"image is empty ({image.width}x{image.height} pixels)")
+    try:
+        image.load()  # a closed PIL image fails here, in its own words
+    except (ValueError, OSError) as exc:
+        raise FewShotInputError(f"image cannot be read ({exc})") from None
     try:
         image = _fit(_to_mode(image, spec), spec)
     except (ValueError, OSError) as exc:

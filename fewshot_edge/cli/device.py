@@ -19,6 +19,7 @@ from fewshot_edge.imagefiles import class_folders, image_files
 from fewshot_edge.runtime import FewShotInputError, FewShotModel, Prediction, validate_label
 from fewshot_edge.runtime.preprocess import load_image
 from fewshot_edge.runtime.pretrained import default_bundle
+from fewshot_edge.runtime.store import normalize_label
 
 from .common import InputError, emit_json, main, reports_input_errors
 from .options import engine_options, store_options
@@ -36,10 +37,10 @@ def open_model(
     adapt_options: dict[str, Any] | None = None,
     engine: dict[str, Any] | None = None,
 ) -> FewShotModel:
-    """The model on ``bundle`` (default: the pretrained one) with ``store``; a missing store is an
-    error unless ``create``. ``engine``: precision/backend arguments of ``FewShotModel.open``."""
-    if not create and not Path(store).is_file():
-        raise InputError(f"no enrollment store at {store}; enroll classes first")
+    """The model on ``bundle`` (default: the pretrained one) with ``store``; a missing or empty
+    (zero-byte) store is an error, left as it is, unless ``create``; a new store file is made only once
+    the bundle checked out. ``engine``: precision/backend arguments of ``FewShotModel.open``."""
+    check_store_path(store)
     try:
         return FewShotModel.open(
             bundle or default_bundle(),
@@ -47,10 +48,20 @@ def open_model(
             adapt=adapt,
             reembed=reembed,
             adapt_options=adapt_options,
+            create=create,
             **(engine or {}),
         )
     except FewShotInputError as exc:  # name the option, not the API argument
         raise InputError(str(exc).replace("open it with reembed=True", "pass --reembed")) from None
+
+
+def check_store_path(store: str) -> None:
+    """Refuse a --store that keeps nothing: an empty path or ":memory:" (sqlite would hold the store in
+    memory or in a temporary file deleted at exit, and the command would report classes it lost)."""
+    if not store.strip() or store.strip() == ":memory:":
+        raise InputError(f"--store {store!r} keeps nothing once the command ends; give the store's file path")
+    if Path(store).is_dir():
+        raise InputError(f"--store {store} is a folder; give the store's file path")
 
 
 def bundle_args(bundle: str | Path | None, store: str | Path) -> str:
@@ -131,28 +142,29 @@ def enroll(
     More images for an enrolled class:
       fewshot-edge enroll --store device.db --label cat --add cat3.png
     """
+    check_store_path(store)
     plan = enrollment_plan(paths, label)
     for files in plan.values():
         for f in files:
-            load_image(f)  # decode every image first: a bad one stops the command before any write
+            load_image(f)  # decode every image first: a bad one stops the command before the store is opened
     with open_model(bundle, store, reembed, adapt, create=not add, engine=engine) as model:
-        enrolled = dict(model.classes())
+        enrolled = {normalize_label(name) for name, _ in model.classes()}
         for name in plan:
             if add and name not in enrolled:
                 raise InputError(f"no class {name!r} enrolled; enroll it without --add first")
             if not add and name in enrolled:
                 raise InputError(f"class {name!r} is already enrolled; use --add to add images to it")
-        total = sum(len(files) for files in plan.values())
-        write = model.add_shots if add else model.enroll
-        with tqdm(total=total, unit="img", desc="enrolling", disable=total < PROGRESS_MIN_IMAGES or None) as bar:
-            for name, files in plan.items():
-                write(name, files)
-                bar.update(len(files))
+        # every image converted and embedded, then every class written in one transaction: all or nothing
+        skipped = model.enroll_many(plan, add=add)
         if adapt:
             model.store.set_adaptation(model.adapter.name)
-        counts = dict(model.classes())
+        counts = {normalize_label(name): n for name, n in model.classes()}
     for name, files in plan.items():
-        verb = f"added {len(files)} to" if add else "enrolled"
+        dropped = skipped.get(name, [])
+        if dropped:
+            shown = ", ".join(str(files[i]) for i in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+            click.echo(f"skipped {len(dropped)} image{'s' * (len(dropped) != 1)} {name!r} already holds: {shown}")
+        verb = f"added {len(files) - len(dropped)} to" if add else "enrolled"
         click.echo(f"{verb} {name!r}: {counts[name]} shot{'s' * (counts[name] != 1)}")
     click.echo(f"{store}: {len(counts)} class{'es' * (len(counts) != 1)}, {sum(counts.values())} shots")
 
