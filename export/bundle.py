@@ -47,6 +47,7 @@ from fewshot_edge.runtime import (
     write_bundle,
 )
 from fewshot_edge.runtime.preprocess import InputSpec
+from fewshot_edge.runtime.signing import SigningKey, load_signing_key
 
 from .calibration import calibrate, episode_sizes
 from .onnx import FILM_NAME, INPUT_NAME, export_context_onnx, export_onnx, has_film
@@ -137,6 +138,7 @@ def export_bundle(
     precisions: Sequence[str] = (),
     variant_episodes: int = 1000,
     force_variants: bool = False,
+    sign: str | Path | SigningKey | None = None,
 ) -> Bundle:
     """Export a checkpoint (a path) or a ``FrozenBackbone`` as a bundle in ``out_dir`` and return it, opened.
 
@@ -146,8 +148,11 @@ def export_bundle(
     folder renamed into place): any failure leaves no bundle behind. An existing ``out_dir`` is refused
     unless ``overwrite``. Each of ``precisions`` adds a variant measured on ``variant_episodes``
     validation episodes; one past its limits, or int8 for an attention model (see ``check_precisions``),
-    raises VariantRefused (nothing written) unless ``force_variants``.
+    raises VariantRefused (nothing written) unless ``force_variants``. ``sign`` (an Ed25519 private key,
+    a PEM file or a loaded ``SigningKey``) signs the manifest; it is loaded first, so a bad key fails
+    before any work.
     """
+    signing_key = load_signing_key(sign) if sign is not None else None
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FewShotInputError(f"bundle folder already exists: {out} (overwrite to replace it)")
@@ -217,6 +222,7 @@ def export_bundle(
             },
             overwrite=overwrite,
             variants=variants,
+            signing_key=signing_key,
         )
 
 

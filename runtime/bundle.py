@@ -461,11 +461,11 @@ def read_manifest(data: bytes, trusted: Mapping[str, Any] | None = None) -> tupl
             )
     elif SIGNATURE in raw:
         raise FewShotInputError(f"{MANIFEST} is signed but has no {INTEGRITY}")
+    if SIGNATURE in raw:
+        signing.check_signature_shape(raw[SIGNATURE])  # a malformed signature is an error even unverified
     signed_by = None
     if trusted is not None:
         signed_by = signing.verify_signature(raw.get(SIGNATURE), signed_message(literal), trusted)
-    elif SIGNATURE in raw:
-        signing.check_signature_shape(raw[SIGNATURE])  # a malformed signature is an error even unverified
     return Manifest.from_dict(raw), signed_by
 
 
@@ -533,7 +533,7 @@ def seal_bundle(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return open_bundle(bundle.path)
+    return open_bundle(bundle.path, [key.public_bytes()] if key is not None else None)  # the signature verifies
 
 
 def write_bundle(

@@ -19,6 +19,7 @@ from .engine import Engine
 from .errors import FewShotInputError
 from .preprocess import Frame, ImageLike, InputSpec, normalize, preprocess, source_hash, to_pixels
 from .pretrained import resolve_bundle
+from .signing import TrustedKeys
 from .store import RESERVED_LABEL, EnrollmentStore, NewShots, store_path, validate_label
 
 Images = ImageLike | Sequence[ImageLike]
@@ -115,6 +116,7 @@ class FewShotModel:
         backend: str = "auto",
         engines: str | Path | None = None,
         create: bool = True,
+        trusted_keys: TrustedKeys | None = None,
     ) -> FewShotModel:
         """Open a bundle (a folder, or the name of one that ships with the runtime, e.g. "omniglot-conv4")
         with an enrollment store (a SQLite path; None = in memory). A new store file is created only
@@ -131,9 +133,12 @@ class FewShotModel:
         is bound to the model and precision it was enrolled with. ``backend`` ("auto" = the best this
         machine can run, logged; tensorrt, tensorrt-ep, cuda, cpu) runs it, or exactly ``providers``
         when given; TensorRT engines are cached in ``engines`` (default: beside the bundle).
+
+        ``trusted_keys`` (Ed25519 public key files or bytes, or folders of ``*.pub``/``*.pem``; needs
+        ``fewshot-edge[sign]``): open only a bundle signed by one of them (see docs/deploy.md).
         """
         store_path(store)  # not a path (e.g. a number) or an empty one: refused before anything is opened
-        bundle = open_bundle(resolve_bundle(bundle_dir))
+        bundle = open_bundle(resolve_bundle(bundle_dir), trusted_keys)
         modes = bundle.manifest.adaptation.modes
         asked = (
             _mode(bundle, adapt, None) if adapt else None

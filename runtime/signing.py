@@ -63,6 +63,10 @@ class SigningKey:
     private_key: Any
     key_id: str
 
+    def public_bytes(self) -> bytes:
+        """The raw 32 bytes of the public key (a trusted key as ``load_trusted_keys`` takes it)."""
+        return _raw_public(self.private_key.public_key())
+
     def sign(self, message: bytes) -> dict[str, str]:
         """The manifest's ``signature`` record for ``message`` (the canonical manifest without a signature)."""
         value = self.private_key.sign(SIGNED_PREFIX + message)

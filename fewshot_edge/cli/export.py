@@ -64,6 +64,12 @@ from .common import InputError, emit_json, main, reports_input_errors, require_m
     is_flag=True,
     help="Keep a variant that loses more than 1 point of accuracy or exceeds its parity tolerance.",
 )
+@click.option(
+    "--sign",
+    metavar="KEY",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Sign the manifest with this Ed25519 private key (PEM; fewshot-edge keygen); needs fewshot-edge[sign].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the bundle's manifest as JSON.")
 @reports_input_errors
 def export(
@@ -84,6 +90,7 @@ def export(
     int8: bool,
     variant_episodes: int,
     force_variant: bool,
+    sign: str | None,
     as_json: bool,
 ) -> None:
     """Export a checkpoint, or a pretrained timm backbone, as a bundle: ONNX encoder, parity check,
@@ -140,6 +147,7 @@ def export(
             precisions=[p for p, wanted in (("fp16", fp16), ("int8", int8)) if wanted],
             variant_episodes=variant_episodes,
             force_variants=force_variant,
+            sign=sign,
         )
     except ParityError as exc:
         raise click.ClickException(str(exc)) from None
@@ -172,3 +180,48 @@ def export(
         click.echo(f"  on {manifest.variants['fp32']['episodes']}")
     click.echo(f"bundle: {out}")
     click.echo(f"model id: {bundle.model_id}")
+    if bundle.signed_by:
+        click.echo(f"signed by key: {bundle.signed_by}")
+
+
+@main.command()
+@click.argument("name", type=click.Path(dir_okay=False))
+@reports_input_errors
+def keygen(name: str) -> None:
+    """Make an Ed25519 key pair for signing bundles: NAME.key (private, mode 600) and NAME.pub (public).
+
+    \b
+    Keep NAME.key where bundles are exported (never on a device); copy NAME.pub to the devices, which
+    then run only bundles it signed (--trusted-key). See docs/deploy.md. Needs fewshot-edge[sign].
+    Example:
+      fewshot-edge keygen keys/release-2026 && fewshot-edge export run/best.pt --out b --sign keys/release-2026.key
+    """
+    from fewshot_edge.runtime.signing import generate_key_pair
+
+    kid = generate_key_pair(f"{name}.key", f"{name}.pub")
+    click.echo(f"private key: {name}.key (keep it off devices)")
+    click.echo(f"public key: {name}.pub (give it to devices: --trusted-key {name}.pub)")
+    click.echo(f"key id: {kid}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--key",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Ed25519 private key (PEM) to sign with.",
+)
+@reports_input_errors
+def sign(bundle: str, key: str) -> None:
+    """Sign an existing bundle's manifest (verified first; the files and model id stay as they are).
+
+    \b
+    Signs a bundle exported without --sign, or re-signs one with a new key (the old signature is replaced).
+    Example:
+      fewshot-edge sign bundles/omniglot --key keys/release-2026.key
+    """
+    from fewshot_edge.runtime.bundle import seal_bundle
+
+    signed = seal_bundle(bundle, key)
+    click.echo(f"signed {bundle} (model id {signed.model_id}) with key {signed.signed_by}")

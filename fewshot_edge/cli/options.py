@@ -1,4 +1,5 @@
-"""The options the device commands share, each declared once: the bundle, the store, the encoder's engine."""
+"""The options the device commands share, each declared once: the bundle, the store, the keys a bundle must be
+signed by, the encoder's engine."""
 
 from __future__ import annotations
 
@@ -35,6 +36,15 @@ bundle_option: Decorator = click.option(
     callback=resolved_bundle,
     help="Bundle folder (manifest.json + ONNX), or the name of a shipped one [omniglot-conv4].",
 )
+trusted_key_option: Decorator = click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    metavar="FILE|DIR",
+    envvar="FEWSHOT_EDGE_TRUSTED_KEYS",
+    help="Run only bundles signed by this Ed25519 public key (a PEM file, or a folder of *.pub/*.pem files);"
+    " repeatable, or FEWSHOT_EDGE_TRUSTED_KEYS (space-separated). Without any, signatures are not required.",
+)
 engine_dir_option: Decorator = click.option(
     "--engine-dir", "engines", metavar="DIR", help="Where TensorRT engines are cached [BUNDLE/engines if writable]."
 )
@@ -48,7 +58,8 @@ def _apply(func: Callable[..., Any], options: list[Decorator]) -> Callable[..., 
 
 
 def store_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --bundle, --store and --reembed, the options of every command that opens a store."""
+    """Add --bundle, --store, --reembed and --trusted-key, the options of every command that opens a store
+    (each also takes ``engine_options``, which hands the trusted keys to ``FewShotModel.open``)."""
     return _apply(
         func,
         [
@@ -62,13 +73,15 @@ def store_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 help="The store was enrolled with another model: re-embed its stored shots with this "
                 "bundle's model, keeping every class (the model update path).",
             ),
+            trusted_key_option,
         ],
     )
 
 
 def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add --precision, --backend, --provider and --engine-dir; the command gets them as one ``engine``
-    dict of ``FewShotModel.open`` arguments."""
+    dict of ``FewShotModel.open`` arguments, with ``trusted_keys`` when the command also has --trusted-key
+    (``store_options``)."""
 
     @functools.wraps(func)
     def wrapper(
@@ -76,16 +89,15 @@ def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
     ) -> Any:
         if provider and backend != AUTO:
             raise InputError("give --backend or --provider, not both")
-        return func(
-            *args,
-            engine={
-                "precision": precision,
-                "backend": backend,
-                "providers": list(provider) or None,
-                "engines": engines,
-            },
-            **kwargs,
-        )
+        engine: dict[str, Any] = {
+            "precision": precision,
+            "backend": backend,
+            "providers": list(provider) or None,
+            "engines": engines,
+        }
+        if "trusted_keys" in kwargs:
+            engine["trusted_keys"] = list(kwargs.pop("trusted_keys")) or None
+        return func(*args, engine=engine, **kwargs)
 
     return _apply(
         wrapper,
