@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from runtime_support import SPEC, linear_encoder, make_bundle, weight, write_manifest
+from runtime_support import SPEC, images, linear_encoder, make_bundle, weight, write_manifest
 
 from fewshot_edge.runtime import (
     Adaptation,
@@ -236,7 +236,9 @@ def good_bundle(tmp_path_factory) -> Path:
 
 def good_manifest(good_bundle: Path) -> dict:
     manifest = json.loads((good_bundle / "manifest.json").read_text())
-    del manifest["manifest_sha256"]  # as an old manifest, or one whose digest was recomputed: the fields are checked
+    manifest.pop(
+        "manifest_sha256", None
+    )  # as an old manifest, or one whose digest was recomputed: the fields are checked
     return manifest
 
 
@@ -364,3 +366,38 @@ def test_fuzz_random_values_deep_in_a_good_manifest(fuzz_folder, good_bundle, pa
     except FewShotInputError:
         return
     open_outcome(fuzz_folder, (fuzz_folder / "manifest.json").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def finetune_folder() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="fuzz-model-"))
+    adaptation = Adaptation("finetune", {"prototype": {}, "finetune": {"steps": 3, "lr": 0.1}})
+    make_bundle(folder / "b", weight(0), adaptation=adaptation)
+    yield folder / "b"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+MODEL_PATHS = ["input", "embedding", "adaptation", "modes", "prototype", "finetune", "steps", "lr", "calibration"]
+MODEL_PATHS += ["open_set", "temperature", "threshold", "thresholds_by_shots", "default", "metric", "scale", "1"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.lists(st.sampled_from(MODEL_PATHS), min_size=1, max_size=4), value=JSON)
+def test_fuzz_a_model_on_a_fuzzed_manifest_enrolls_and_predicts_or_errors_in_one_line(finetune_folder, path, value):
+    """Past open_bundle: FewShotModel.open, enroll and predict on a manifest with one value replaced."""
+    manifest = json.loads((finetune_folder / "manifest.json").read_text())
+    node = manifest
+    for key in path[:-1]:
+        nxt = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(nxt, dict):
+            nxt = node[key] = {}
+        node = nxt
+    node[path[-1]] = value
+    try:
+        write_manifest(finetune_folder, manifest)
+        with FewShotModel.open(finetune_folder) as model:
+            model.enroll("a", images(0, 2))
+            model.enroll("b", images(1, 2, center=50.0))
+            model.predict(images(2, 2))
+    except FewShotInputError as exc:
+        assert "\n" not in str(exc)
