@@ -530,6 +530,11 @@ def seal_bundle(
         _fsync(tmp)
         os.replace(tmp, bundle.path / MANIFEST)
         _fsync(bundle.path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise FewShotInputError(
+            f"bundle {bundle.path}: cannot rewrite {MANIFEST} ({exc.strerror or exc}); it is unchanged"
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -84,7 +84,9 @@ def load_signing_key(source: KeySource | SigningKey, password: bytes | None = No
     try:
         key = serialization.load_pem_private_key(data, password=password)
     except (ValueError, TypeError) as exc:
-        raise FewShotInputError(f"signing key {_name(source)} is not a PEM private key ({_first_line(exc)})") from None
+        raise FewShotInputError(
+            f"signing key {_name(source)} is not a PEM private key this can read ({_first_line(exc)})"
+        ) from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise FewShotInputError(f"signing key {_name(source)} is not an Ed25519 key")
     return SigningKey(key, key_id(_raw_public(key.public_key())))
@@ -188,10 +190,13 @@ def generate_key_pair(private_path: str | Path, public_path: str | Path) -> str:
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_pem)
-    public_path.write_bytes(public_pem)
+    try:
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private_pem)
+        public_path.write_bytes(public_pem)
+    except OSError as exc:
+        raise FewShotInputError(f"cannot write the key pair: {exc.filename}: {exc.strerror or exc}") from None
     return key_id(_raw_public(key.public_key()))
 
 

@@ -231,3 +231,7 @@ def test_cli_export_refuses_a_bad_signing_key_before_any_work(tmp_path, keys):
     pytest.importorskip("onnx")
     result = run("export", tmp_path / "missing.pt", "--out", tmp_path / "out", "--sign", keys["good.pub"], ok=False)
     assert "not a PEM private key" in result.output and not (tmp_path / "out").exists()
+
+
+def test_keygen_into_a_missing_folder_is_one_line(tmp_path):
+    assert "cannot write the key pair" in run("keygen", tmp_path / "no" / "folder" / "k", ok=False).output
