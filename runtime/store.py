@@ -18,6 +18,7 @@ import os
 import sqlite3
 import threading
 import unicodedata
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -32,6 +33,9 @@ SCHEMA_VERSION = 2
 RESERVED_LABEL = "unknown"
 MAX_LABEL_LENGTH = 64
 _FORBIDDEN_LABEL_CHARS = "/\\'\""
+
+# what a damaged, locked, read-only or full file raises from sqlite (text that is not UTF-8 included)
+_DB_ERRORS = (sqlite3.Error, UnicodeDecodeError)
 
 _NOW = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
 _SCHEMA = (
@@ -158,7 +162,7 @@ class EnrollmentStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA foreign_keys=ON")
             bound = _initialise(conn, model_id)
-        except (sqlite3.Error, FewShotInputError) as exc:
+        except (*_DB_ERRORS, FewShotInputError) as exc:
             if conn is not None:
                 conn.close()
             raise FewShotInputError(f"cannot open enrollment store {name}: {_one_line(exc)}") from None
@@ -201,8 +205,11 @@ class EnrollmentStore:
         )
         if row is None or row[0] != version or self.needs_reembed:
             return None
-        with np.load(io.BytesIO(row[1]), allow_pickle=False) as saved:
-            return {name: saved[name] for name in saved.files}
+        try:
+            with np.load(io.BytesIO(row[1]), allow_pickle=False) as saved:
+                return {name: saved[name] for name in saved.files}
+        except (ValueError, OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile):
+            return None  # a damaged saved state is derived data: the mode fits afresh
 
     def save_state(self, key: str, version: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Keep ``arrays`` under ``key`` as fitted on data_version ``version``; skipped when the shots
@@ -251,23 +258,28 @@ class EnrollmentStore:
                 conn.execute("COMMIT")
 
         classes, rows, version, dim, shape = self._read(read)
-        pixel_shape = None if shape is None else tuple(int(v) for v in shape.split(","))
-        index = {class_id: i for i, (class_id, _) in enumerate(classes)}
-        n = len(rows)
-        return Shots(
-            ids=np.array([r[0] for r in rows], dtype=np.int64),
-            labels=[label for _, label in classes],
-            targets=np.array([index[r[1]] for r in rows], dtype=np.int64),
-            embeddings=np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4")
-            .reshape(n, int(dim or 0))
-            .astype(np.float32),
-            pixels=np.frombuffer(b"".join(r[3] for r in rows), dtype=np.uint8)
-            .reshape(n, *(pixel_shape or (0, 0, 0)))
-            .copy()
-            if pixels
-            else None,
-            version=version,
-        )
+        try:
+            pixel_shape = None if shape is None else tuple(int(v) for v in str(shape).split(","))
+            index = {class_id: i for i, (class_id, _) in enumerate(classes)}
+            n = len(rows)
+            return Shots(
+                ids=np.array([r[0] for r in rows], dtype=np.int64),
+                labels=[str(label) for _, label in classes],
+                targets=np.array([index[r[1]] for r in rows], dtype=np.int64),
+                embeddings=np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4")
+                .reshape(n, int(dim or 0))
+                .astype(np.float32),
+                pixels=np.frombuffer(b"".join(r[3] for r in rows), dtype=np.uint8)
+                .reshape(n, *(pixel_shape or (0, 0, 0)))
+                .copy()
+                if pixels
+                else None,
+                version=version,
+            )
+        except (ValueError, TypeError, KeyError) as exc:  # blobs or meta rows that do not fit together
+            raise FewShotInputError(
+                f"enrollment store {self.name} is damaged: its shots do not match its meta rows ({_one_line(exc)})"
+            ) from None
 
     def add_class(self, label: str, embeddings: np.ndarray, pixels: np.ndarray, hashes: Sequence[str]) -> int:
         """Enroll a new class with its shots; error if the label exists. Returns the new data_version."""
@@ -439,7 +451,7 @@ class EnrollmentStore:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
-            except sqlite3.Error as exc:
+            except _DB_ERRORS as exc:
                 raise FewShotInputError(
                     f"cannot write to enrollment store {self.name}: {_one_line(exc)};"
                     " nothing was written, the store is as it was"
@@ -451,7 +463,7 @@ class EnrollmentStore:
         with self._lock:
             try:
                 return read(self._conn)
-            except sqlite3.Error as exc:
+            except _DB_ERRORS as exc:
                 raise FewShotInputError(f"cannot read enrollment store {self.name}: {_one_line(exc)}") from None
 
     def _check_binding(self, conn: sqlite3.Connection) -> None:
@@ -492,6 +504,8 @@ def _initialise(conn: sqlite3.Connection, model_id: str) -> str:
             version = 1
         elif version > SCHEMA_VERSION:
             raise FewShotInputError(f"schema version {version} is newer than this runtime reads ({SCHEMA_VERSION})")
+        elif version < 0:
+            raise FewShotInputError(f"the store is damaged: schema version {version}")
         if version < SCHEMA_VERSION:
             for step in range(version, SCHEMA_VERSION):
                 for statement in _MIGRATIONS[step]:
@@ -539,7 +553,10 @@ def _data_version(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()
     if row is None:
         raise FewShotInputError(_damaged(None, "data_version"))
-    return int(row[0])
+    try:
+        return int(row[0])
+    except (TypeError, ValueError):
+        raise FewShotInputError(f"enrollment store is damaged: data_version {row[0]!r} is not a number") from None
 
 
 def _damaged(name: str | None, key: str) -> str:
