@@ -503,10 +503,16 @@ def open_bundle(path: str | Path, trusted_keys: TrustedKeys | None = None) -> Bu
 def manifest_text(manifest: Manifest, signing_key: SigningKey | None = None) -> str:
     """The text of ``manifest.json``: the manifest's fields, its ``manifest_sha256`` and, with a
     ``signing_key``, its signature."""
-    d = manifest.to_dict()
     for value in (manifest.calibration.temperature, manifest.embedding.scale):
         if not math.isfinite(value):
             raise FewShotInputError(f"manifest values must be finite, got {value}")
+    return _sealed_text(manifest.to_dict(), signing_key)
+
+
+def _sealed_text(fields: Mapping[str, Any], signing_key: SigningKey | None) -> str:
+    """``fields`` as indented JSON, with ``manifest_sha256`` (any old one and any signature replaced) and,
+    with a ``signing_key``, a signature."""
+    d = {k: v for k, v in fields.items() if k not in (INTEGRITY, SIGNATURE)}
     d[INTEGRITY] = manifest_sha256(d)
     if signing_key is not None:
         d[SIGNATURE] = signing_key.sign(signed_message(_parse(json.dumps(d), literal=True)))
@@ -520,10 +526,11 @@ def seal_bundle(
 ) -> Bundle:
     """Rewrite the manifest of the bundle at ``path`` (opened and verified first, with ``trusted_keys``
     when given) with its ``manifest_sha256`` and, with a ``signing_key`` (a key or its PEM file), a
-    signature; the files are not touched, so the model id stays. The manifest is replaced atomically."""
+    signature (replacing any old one). Every other field stays as written (an old manifest stays in its
+    format) and the files are not touched, so the model id stays. The manifest is replaced atomically."""
     key = signing.load_signing_key(signing_key) if signing_key is not None else None
     bundle = open_bundle(path, trusted_keys)
-    text = manifest_text(bundle.manifest, key)
+    text = _sealed_text(json.loads((bundle.path / MANIFEST).read_text(encoding="utf-8")), key)
     tmp = bundle.path / f".{MANIFEST}.tmp"
     try:
         tmp.write_text(text, encoding="utf-8")

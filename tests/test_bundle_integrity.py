@@ -29,6 +29,7 @@ from fewshot_edge.runtime import (
     open_bundle,
     write_bundle,
 )
+from fewshot_edge.runtime.bundle import seal_bundle
 from fewshot_edge.runtime.pretrained import default_bundle
 
 SHIPPED_MODEL_ID = "5e1025067e3a4304b2a1af57fca62d933e3e7f2d19525652380a32eb8977bbe7"
@@ -177,6 +178,18 @@ def test_the_shipped_bundle_opens_with_its_model_id_and_answers(tmp_path):
         (copy / "manifest.json").read_text().replace('"invert": true', '"invert": false')
     )
     refused(copy, "manifest_sha256")
+
+
+def test_the_shipped_manifest_is_its_0_1_0_manifest_sealed_by_the_runtime(tmp_path):
+    """It was rewritten with ``seal_bundle``: every field as written in 0.1.0, plus its digest."""
+    copy = tmp_path / "shipped"
+    shutil.copytree(default_bundle(), copy)
+    shipped = (copy / "manifest.json").read_text()
+    old = json.loads(shipped)
+    del old["manifest_sha256"]
+    (copy / "manifest.json").write_text(json.dumps(old, indent=2) + "\n")
+    assert seal_bundle(copy).model_id == SHIPPED_MODEL_ID
+    assert (copy / "manifest.json").read_text() == shipped
 
 
 # --- malformed manifests: one line, never another exception (issue 12, item 4) ---
