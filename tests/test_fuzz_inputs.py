@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -114,3 +115,31 @@ def test_random_bytes_as_an_image(tmp_path_factory, data, spec):
     path = tmp_path_factory.mktemp("fuzz") / "image.bin"
     path.write_bytes(data)
     one_line_or_success(lambda: to_pixels(path, spec))
+
+
+def damaged_copy(tmp_path: Path, statement: str) -> Path:
+    """The valid store with one SQL statement run on it (what a fuzz example found, pinned)."""
+    path = tmp_path / "s.db"
+    path.write_bytes(VALID_STORE)
+    conn = sqlite3.connect(path)
+    conn.execute(statement)
+    conn.commit()
+    conn.close()
+    return path
+
+
+def test_what_fuzzing_found_stays_fixed(tmp_path):
+    path = damaged_copy(tmp_path, "UPDATE adapter_state SET state = x'504b0304deadbeef'")
+    with EnrollmentStore.open(path, MODEL) as store:  # a damaged saved state is derived data: refit
+        assert store.load_state("prototype", store.data_version()) is None
+    for statement, message in (
+        ("PRAGMA user_version = -2", "schema version -2"),
+        ("UPDATE classes SET label = CAST(x'80ff' AS TEXT) WHERE label = 'cat'", "decode to UTF-8"),
+        ("UPDATE shots SET embedding = x'00' WHERE id = 1", "do not match its meta rows"),
+        ("UPDATE meta SET value = 'x' WHERE key = 'data_version'", "not a number"),
+    ):
+        path.unlink()
+        path = damaged_copy(tmp_path, statement)
+        with pytest.raises(FewShotInputError, match=message) as info:
+            use_store(path)
+        assert "\n" not in str(info.value)
