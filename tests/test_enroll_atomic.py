@@ -52,7 +52,7 @@ def test_a_class_folder_tree_with_one_unconvertible_file_enrolls_nothing_and_nam
     result = run("enroll", *env["opts"], env["shots"], ok=False)
     assert result.exit_code == 2 and str(bad) in result.stderr and "cannot convert a LAB image" in result.stderr
     assert len(result.output.strip().splitlines()) == 1
-    assert classes_of(env) == []
+    assert classes_of(env) == [] and not list(env["tmp"].glob("s.db*"))  # no empty store left behind
     bad.unlink()
     run("enroll", *env["opts"], env["shots"])  # the same command again, now that the file is fixed
     assert [c["label"] for c in classes_of(env)] == ["a", "b", "c"]
@@ -115,3 +115,11 @@ def test_an_add_over_several_classes_is_all_or_nothing(env):
     (extra / "b" / "bad.tif").unlink()
     run("enroll", *env["opts"], "--add", extra)
     assert [c["shots"] for c in classes_of(env)] == [3, 3, 2]
+
+
+def test_a_failed_enroll_into_an_existing_store_keeps_the_store(env):
+    run("enroll", *env["opts"], "--label", "a", env["shots"] / "a")
+    bad = env["shots"] / "b" / "2.tif"
+    Image.new("LAB", (6, 6)).save(bad)
+    assert run("enroll", *env["opts"], "--label", "b", env["shots"] / "b", ok=False).exit_code == 2
+    assert [c["label"] for c in classes_of(env)] == ["a"]

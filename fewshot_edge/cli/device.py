@@ -7,8 +7,9 @@ label leaves the store as it was; every such error is one line with exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,21 @@ def enrollment_plan(paths: Sequence[str], label: str | None) -> dict[str, list[P
     return plan
 
 
+@contextlib.contextmanager
+def removed_if_new_and_failed(store: Path) -> Iterator[None]:
+    """Remove the store file (and SQLite's -wal/-shm files) this command created when the command fails:
+    a failed first enrollment leaves no empty store behind (the store of a later, correct command would
+    be bound to whatever bundle this one named)."""
+    existed = store.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            for path in (store, store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
+                path.unlink(missing_ok=True)
+        raise
+
+
 @main.command()
 @store_options
 @click.option("--label", metavar="NAME", help="Enroll every image given (files or folders of images) as this class.")
@@ -147,7 +163,10 @@ def enroll(
     for files in plan.values():
         for f in files:
             load_image(f)  # decode every image first: a bad one stops the command before the store is opened
-    with open_model(bundle, store, reembed, adapt, create=not add, engine=engine) as model:
+    with (
+        removed_if_new_and_failed(Path(store)),
+        open_model(bundle, store, reembed, adapt, create=not add, engine=engine) as model,
+    ):
         enrolled = {normalize_label(name) for name, _ in model.classes()}
         for name in plan:
             if add and name not in enrolled:
