@@ -8,8 +8,10 @@ The graphs are first written as an uncalibrated draft bundle that the runtime op
 hashes) and runs through its own adapter of the bundle's default mode (``export_draft``): parity,
 calibration and precision variants are measured on exactly what the device runs.
 
-A FiLM method's bundle holds two graphs: ``context.onnx`` (role "context", support images -> FiLM)
-and ``encoder.onnx`` (role "encoder", images and FiLM -> embeddings); its default adaptation is "film".
+Every bundle holds ``encoder.onnx`` (role "encoder") and one ``<role>.onnx`` per graph the method
+declares in ``export_graphs`` (see ``onnx.py``), each checked for parity. A FiLM method declares
+``context.onnx`` (role "context", support images -> FiLM); its encoder takes images and FiLM, and its
+default adaptation is "film".
 ``precisions`` ("fp16", "int8") add precision variants of the encoder, measured against fp32 (see ``variants``).
 """
 
@@ -50,12 +52,11 @@ from fewshot_edge.runtime.preprocess import InputSpec
 from fewshot_edge.runtime.signing import SigningKey, load_signing_key
 
 from .calibration import calibrate, episode_sizes
-from .onnx import FILM_NAME, INPUT_NAME, export_context_onnx, export_onnx, has_film
+from .onnx import FILM_NAME, INPUT_NAME, export_graph, export_onnx, graph_roles, has_film
 from .parity import ParityError, check_parity
 from .variants import VARIANTS, build_variants, check_precisions, variant_file
 
 ENCODER_FILE = "encoder.onnx"
-CONTEXT_FILE = "context.onnx"
 PARITY_IMAGES = 64
 
 
@@ -227,15 +228,16 @@ def export_bundle(
 
 
 def export_draft(method: FewShotMethod, spec: InputSpec, folder: Path) -> Adapter:
-    """Write ``method``'s graphs into ``folder`` as an uncalibrated bundle (``folder / "draft"``), open it
-    with the runtime (hashes checked) and return the runtime adapter of its default mode over its fp32
-    encoder: what export measures through it is what a device runs."""
+    """Write ``method``'s graphs (the encoder and each one it declares, with its role) into ``folder`` as an
+    uncalibrated bundle (``folder / "draft"``), open it with the runtime (hashes checked) and return the
+    runtime adapter of its default mode over its fp32 encoder: what export measures through it is what a
+    device runs."""
     info = method.export_info()
     embedding = EmbeddingSpec(size=method.backbone.out_dim, metric=info["metric"], scale=info["scale"])
     files = {ENCODER_FILE: folder / ENCODER_FILE}
-    if has_film(method):
-        files[CONTEXT_FILE] = folder / CONTEXT_FILE
-        export_context_onnx(method, spec, files[CONTEXT_FILE])
+    for role in graph_roles(method):
+        files[f"{role}.onnx"] = folder / f"{role}.onnx"
+        export_graph(method, role, spec, files[f"{role}.onnx"])
     opset = export_onnx(method, spec, files[ENCODER_FILE], film=has_film(method)).opset_import[0].version
     adaptation = _adaptation(method, info)
     write_bundle(

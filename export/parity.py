@@ -1,7 +1,10 @@
 """Parity: the exported graphs, run by the runtime's own adapter and engines, must give PyTorch's outputs.
 
-For a FiLM bundle (``FilmAdapter``) both graphs are checked on every batch: the context's FiLM
-vector, and the encoder's embeddings under the bundle's identity FiLM and under a random non-identity one.
+Every graph is checked on every batch: the encoder's embeddings, and each graph the method declares
+(``export_graphs``) on the inputs it makes from that batch, every output, run by the adapter's runner
+for its role (``Adapter.graph``; a ``GraphEngine`` on the bundle's file when the mode runs no such
+graph). For a FiLM bundle (``FilmAdapter``) the encoder is checked under the bundle's identity FiLM and
+under a random non-identity one, and the context's FiLM vector as the method's declared graph.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import numpy as np
 import torch
 
 from fewshot_edge.methods import FewShotMethod, FiLMProtoNet
+from fewshot_edge.methods.base import ExportGraph
 from fewshot_edge.methods.film import split_film
 from fewshot_edge.runtime import Adapter
 from fewshot_edge.runtime.adapters import FilmAdapter
 from fewshot_edge.runtime.errors import FewShotInputError
+from fewshot_edge.runtime.graph import GraphEngine
 from fewshot_edge.runtime.preprocess import InputSpec, normalize
 
 from .onnx import has_film
@@ -84,20 +89,56 @@ def check_parity(
     runs: dict[str, tuple[OnnxRun, TorchRun]] = {"": (adapter.embed, method.embed)}
     if isinstance(adapter, FilmAdapter) and has_film(method):
         runs = _film_runs(method, adapter, rng)
+    graphs = {graph.role: (graph, _runner(adapter, graph)) for graph in method.export_graphs()}
     report = ParityReport(tolerance)
     for name, pixels in batches.items():
         x = normalize(pixels, spec)
         for prefix, (onnx_run, torch_run) in runs.items():
             diff = np.abs(onnx_run(x).astype(np.float64) - _torch_run(method, torch_run, x))
             report.checks[prefix + name] = float(diff.max())
+        for role, (graph, run) in graphs.items():
+            report.checks[f"{role} on {name}"] = _graph_diff(method, graph, run, x)
     return report
+
+
+def _runner(adapter: Adapter, graph: ExportGraph) -> Callable[..., Any]:
+    """What runs the bundle's graph ``graph.role`` on the device: the adapter's own runner, or a plain
+    ``GraphEngine`` over the file when the adapter's mode does not run it."""
+    run = adapter.graph(graph.role)
+    if run is not None:
+        return run
+    engine = GraphEngine(adapter.bundle.file(graph.role), adapter.encoder.providers, adapter.encoder.threads)
+    return engine.run
+
+
+@torch.no_grad()
+def _graph_diff(method: FewShotMethod, graph: ExportGraph, run: Callable[..., Any], batch: np.ndarray) -> float:
+    """The largest |ONNX - PyTorch| over every output of ``graph`` on the inputs it makes from ``batch``."""
+    was_training = method.training
+    method.eval()
+    try:
+        inputs = graph.inputs(torch.from_numpy(batch).to(next(method.parameters()).device))
+        expected = graph.forward(*inputs)
+    finally:
+        method.train(was_training)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = run(*(t.float().cpu().numpy() for t in inputs))
+    got = got if isinstance(got, tuple) else (got,)
+    if len(got) != len(expected):
+        raise FewShotInputError(f"graph {graph.role!r} gives {len(got)} outputs, PyTorch {len(expected)}")
+    diffs = []
+    for g, e in zip(got, expected, strict=True):
+        if np.shape(g) != tuple(e.shape):
+            raise FewShotInputError(f"graph {graph.role!r} gives shape {np.shape(g)}, PyTorch {tuple(e.shape)}")
+        diffs.append(float(np.abs(np.asarray(g, np.float64) - e.double().cpu().numpy()).max(initial=0.0)))
+    return max(diffs)
 
 
 def _film_runs(
     method: FiLMProtoNet, adapter: FilmAdapter, rng: np.random.Generator
 ) -> dict[str, tuple[OnnxRun, TorchRun]]:
-    """Check-name prefix -> (ONNX, PyTorch) for the context and the encoder under identity and random FiLM
-    (the runtime side under the bundle's identity, PyTorch under the method's)."""
+    """Check-name prefix -> (ONNX, PyTorch) for the encoder under identity and random FiLM (the runtime
+    side under the bundle's identity, PyTorch under the method's)."""
     identity = method.context.identity.detach().float().cpu().numpy()
     random = (identity + rng.normal(0.0, RANDOM_FILM_STD, identity.shape)).astype(np.float32)
 
@@ -110,7 +151,6 @@ def _film_runs(
         return lambda x: adapter.encoder.embed(x, runtime_film), torch_run
 
     return {
-        "context on ": (adapter.context.run, method.context.flat),
         "encoder under identity FiLM on ": under(adapter.identity, identity),
         "encoder under random FiLM on ": under(random, random),
     }

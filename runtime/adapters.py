@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -76,6 +76,11 @@ class Adapter(ABC):
     def add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray) -> bool:
         """Take newly enrolled shots in without a full refit; return False when the mode needs one."""
         return False
+
+    def graph(self, role: str) -> Callable[..., Any] | None:
+        """What this mode runs the bundle's graph ``role`` with (the graph's inputs in order -> its
+        output, or a tuple of outputs), so export checks that very runner; None when it runs no such graph."""
+        return None
 
     @abstractmethod
     def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,6 +198,9 @@ class FilmAdapter(PrototypeAdapter):
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         return self.encoder.embed(batch, self.film)
+
+    def graph(self, role: str) -> Callable[..., Any] | None:
+        return self.context.run if role == "context" else None
 
     def condition(self, support: np.ndarray) -> None:
         """The film vector becomes the context graph's for ``support`` (one or more images)."""

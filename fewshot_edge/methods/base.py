@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -28,6 +29,27 @@ class MethodOption:
     name: str
     default: Any
     help: str
+
+
+@dataclass(frozen=True)
+class ExportGraph:
+    """One ONNX graph that a method's device mode runs besides the encoder, declared by ``export_graphs``.
+
+    Export writes it as ``<role>.onnx`` with that role in the bundle (the runtime finds it with
+    ``bundle.file(role)``) and checks it against PyTorch like the encoder. ``forward`` (a function of
+    the method's modules) takes the graph's inputs, named ``input_names`` in order, and returns one
+    tensor per ``output_names`` (a tuple when there are several). ``inputs`` makes those inputs from a
+    normalised float32 image batch (N, C, H, W), N >= 1, on the method's device: export traces the graph
+    on a batch of 2, and parity runs it on random batches of several sizes and on held-out images.
+    ``dynamic_axes`` are ``torch.onnx.export``'s: the axes that vary on the device (shots, classes, queries).
+    """
+
+    role: str
+    forward: Callable[..., Any]
+    inputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
 
 
 class FewShotMethod(nn.Module):
@@ -73,6 +95,13 @@ class FewShotMethod(nn.Module):
     def export_info(self) -> dict[str, Any]:
         """What the bundle's manifest records about this method (embedding metric, adaptation modes)."""
         raise NotImplementedError
+
+    def export_graphs(self) -> list[ExportGraph]:
+        """The graphs its device modes run besides the encoder (``encoder.onnx``, always exported): none
+        by default. A method whose mode needs more (FiLM's context, a relation module) returns one
+        ``ExportGraph`` per graph; export writes, checks and ships each, and the mode's adapter opens
+        it by role."""
+        return []
 
 
 METHODS: dict[str, type[FewShotMethod]] = {}

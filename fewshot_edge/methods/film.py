@@ -19,7 +19,7 @@ from fewshot_edge.models import Backbone, BlockBackbone
 from fewshot_edge.models.backbones import ConvBlock, FiLM
 from fewshot_edge.runtime.errors import FewShotInputError
 
-from .base import query_loss, register_method
+from .base import ExportGraph, query_loss, register_method
 from .protonet import ProtoNet
 
 
@@ -145,3 +145,11 @@ class FiLMProtoNet(ProtoNet):
             "layout": "per block: gamma (C) then beta (C)",
         }
         return {**super().export_info(), "modes": {"film": film}}
+
+    def export_graphs(self) -> list[ExportGraph]:
+        """The context, support ``images`` (S, C, H, W) -> flat ``film`` (F,), role "context"."""
+        return [
+            ExportGraph(
+                "context", self.context.flat, lambda images: (images,), ("images",), ("film",), {"images": {0: "batch"}}
+            )
+        ]
