@@ -6,6 +6,7 @@ from .engine import ContextEngine, Engine
 from .errors import FewShotInputError
 from .model import FewShotModel, Prediction
 from .preprocess import Frame, InputSpec, normalize, preprocess, to_pixels
+from .sequence import SequenceAdapter
 from .store import EnrollmentStore, validate_label
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Manifest",
     "OpenSet",
     "Prediction",
+    "SequenceAdapter",
     "normalize",
     "open_bundle",
     "preprocess",

@@ -10,7 +10,9 @@ from fewshot_edge.runtime.errors import FewShotInputError
 from .anil import ANIL
 from .base import METHODS, FewShotMethod, MethodOption, register_method
 from .film import FiLMProtoNet
+from .mann import MANN
 from .protonet import ProtoNet
+from .transformer import SetTransformer
 
 
 def create_method(name: str, backbone: Backbone, **options: Any) -> FewShotMethod:
@@ -25,8 +27,10 @@ __all__ = [
     "METHODS",
     "FewShotMethod",
     "FiLMProtoNet",
+    "MANN",
     "MethodOption",
     "ProtoNet",
+    "SetTransformer",
     "create_method",
     "register_method",
 ]
