@@ -233,12 +233,15 @@ def export_draft(method: FewShotMethod, spec: InputSpec, folder: Path) -> Adapte
     runtime adapter of its default mode over its fp32 encoder: what export measures through it is what a
     device runs."""
     info = method.export_info()
-    embedding = EmbeddingSpec(size=method.backbone.out_dim, metric=info["metric"], scale=info["scale"])
     files = {ENCODER_FILE: folder / ENCODER_FILE}
     for role in graph_roles(method):
         files[f"{role}.onnx"] = folder / f"{role}.onnx"
         export_graph(method, role, spec, files[f"{role}.onnx"])
-    opset = export_onnx(method, spec, files[ENCODER_FILE], film=has_film(method)).opset_import[0].version
+    encoder = export_onnx(method, spec, files[ENCODER_FILE], film=has_film(method))
+    opset = encoder.opset_import[0].version
+    # what the encoder outputs (a relation method's flattened feature maps), else the backbone's width
+    size = encoder.graph.output[0].type.tensor_type.shape.dim[1].dim_value or method.backbone.out_dim
+    embedding = EmbeddingSpec(size=size, metric=info["metric"], scale=info["scale"])
     adaptation = _adaptation(method, info)
     write_bundle(
         folder / "draft",

@@ -11,7 +11,9 @@ prototypes and larger distances, so one pooled threshold rejects too many 1-shot
 Embeddings come from the adapter of the bundle's default mode: a mode that conditions the encoder on
 the shots (FiLM) embeds each episode pair under the context of its own support images (both episodes'
 shots, as a device's context covers every enrolled class). With a fine-tune mode, a second temperature
-is fitted on the logits of the runtime's ``FinetuneAdapter`` fitted on each episode's shots.
+is fitted on the logits of the runtime's ``FinetuneAdapter`` fitted on each episode's shots. Any other
+mode (not in ``PROTOTYPE_MODES``: matching, relation, sequence) is fitted on each episode's shot
+embeddings and calibrated on its own ``score``: its logits and its distance statistic.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ EpisodeEmbedder = Callable[
 ]  # ids (2n, shots + queries), shot count -> (2n, shots + queries, D)
 
 TEMPERATURE_BOUNDS = (1e-4, 1e6)
+PROTOTYPE_MODES = ("prototype", "film", "finetune")  # modes whose logits and distance are the prototypes'
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 
 
@@ -153,12 +156,21 @@ def calibrate(
         if "finetune" in adapter.bundle.manifest.adaptation.modes
         else None
     )
+    own_scores = adapter.name not in PROTOTYPE_MODES
     logits, head_logits, known, unknown = [], [], [], []
     for e, k in enumerate(shots):
         emb = embed_episode(index[e], int(k))
         protos = emb[:, :k].mean(axis=1)
         for own, other in ((slice(0, n_way), slice(n_way, None)), (slice(n_way, None), slice(0, n_way))):
             queries = emb[own, max_shot:].reshape(-1, emb.shape[-1])
+            if own_scores:  # the mode's own logits and distance, fitted on each episode's shots as on a device
+                adapter.fit(_episode_shots(emb[own, :k]))
+                scored, nearest, _ = adapter.score(queries)
+                logits.append(scored)
+                known.append(nearest)
+                adapter.fit(_episode_shots(emb[other, :k]))
+                unknown.append(adapter.score(queries)[1])
+                continue
             d = distances(queries, protos[own], embedding.metric)
             logits.append(logits_from_distances(d, embedding))
             if head is not None:

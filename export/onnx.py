@@ -157,6 +157,8 @@ def _export(
         # Branches on the image size (timm's position embeddings) are traced as constants: a bundle has one
         # size, and parity checks the graph at several batch sizes.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]  # not in its __all__
+        # An LSTM over a set (matching's full-context support) runs on one sequence, batch 1, of any length.
+        warnings.filterwarnings("ignore", "Exporting a model to ONNX with a batch_size other than 1", UserWarning)
         torch.onnx.export(
             module,
             example,

@@ -4,6 +4,8 @@
 encoder, scoring, store check), the encoder alone on one image, encoder throughput on a batch,
 end-to-end throughput from decoded arrays, enrollment latency (one class of 5 shots into a SQLite
 store), cold start and peak RSS of a fresh process that opens the bundle and predicts.
+``latency_by_classes``: one-image prediction latency of a mode as the enrolled classes grow (the
+relation mode runs one relation-graph pair per class, matching attends to every shot).
 Latencies are in milliseconds, throughputs in images per second.
 """
 
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from .preprocess import Frame, ImageLike, InputSpec, preprocess
 SOURCE_SIZE = 105
 N_WAY = 5  # classes enrolled before timing predictions
 K_SHOT = 5  # shots per enrolled class
+CLASS_COUNTS = (5, 20, 50, 100)  # enrolled classes at which ``latency_by_classes`` times a prediction
 
 
 def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 10) -> dict[str, float]:
@@ -123,6 +127,32 @@ def run_benchmark(
             }
         report.update(_fresh_process(bundle, store, opened, child_runs))
     return report
+
+
+def latency_by_classes(
+    bundle: str | Path, mode: str, counts: Sequence[int] = CLASS_COUNTS, runs: int = 200, **opened: Any
+) -> dict[str, Any]:
+    """One-image prediction latency (p50/p99 ms) in adaptation mode ``mode`` with each of ``counts`` classes
+    of ``K_SHOT`` random-stroke shots enrolled (a fresh store, grown class by class); ``opened`` are further
+    ``FewShotModel.open`` arguments. A JSON-ready dict."""
+    rows: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="fewshot-edge-bench-") as tmp:
+        with FewShotModel.open(bundle, store=Path(tmp) / "classes.db", adapt=mode, **opened) as model:
+            one = source_images(model.spec, 1)
+            enrolled = 0
+            for n in sorted(counts):
+                for c in range(enrolled, n):
+                    model.enroll(f"class-{c}", source_images(model.spec, K_SHOT, seed=c + 1))
+                enrolled = n
+                rows[str(n)] = time_calls(partial(model.predict, one), runs)
+    return {
+        "bundle": str(bundle),
+        "mode": mode,
+        "machine": machine(),
+        "threads": opened.get("threads"),
+        "shots_per_class": K_SHOT,
+        "classes": rows,
+    }
 
 
 def shape_text(spec: InputSpec) -> str:

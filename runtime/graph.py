@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from .engine import DEFAULT_PROVIDERS, Provider, _open_session
+from .engine import DEFAULT_PROVIDERS, Provider, _open_session, _static
 from .errors import FewShotInputError
 
 
@@ -30,7 +30,9 @@ class GraphEngine:
     ) -> None:
         self.path = Path(onnx_path)
         self._session = _open_session(onnx_path, list(providers or DEFAULT_PROVIDERS), threads, "graph")
-        self.input_names = [i.name for i in self._session.get_inputs()]
+        inputs = self._session.get_inputs()
+        self.input_names = [i.name for i in inputs]
+        self.input_shapes = [_static(i.shape) for i in inputs]  # None for a dynamic axis
         self.output_names = [o.name for o in self._session.get_outputs()]
         if input_names is not None and list(input_names) != self.input_names:
             raise FewShotInputError(

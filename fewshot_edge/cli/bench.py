@@ -11,11 +11,21 @@ from typing import Any
 import click
 
 from fewshot_edge.runtime import InputSpec, open_bundle, preprocess
-from fewshot_edge.runtime.bench import peak_rss_mb, rate, run_benchmark, shape_text, source_images, time_calls
+from fewshot_edge.runtime.bench import (
+    latency_by_classes,
+    peak_rss_mb,
+    rate,
+    run_benchmark,
+    shape_text,
+    source_images,
+    time_calls,
+)
 from fewshot_edge.runtime.pretrained import default_bundle
 
 from .common import InputError, emit_json, main, reports_input_errors
 from .options import engine_options, resolved_bundle
+
+BY_CLASSES = ("matching", "relation")  # modes whose prediction cost grows with the enrolled classes
 
 
 @main.command()
@@ -40,7 +50,8 @@ from .options import engine_options, resolved_bundle
     "modes",
     multiple=True,
     metavar="MODE",
-    help="Instead: refit time and prediction latency of MODE beside prototype, 20 classes x 5 shots (repeatable).",
+    help="Instead: refit time and prediction latency of MODE beside prototype, 20 classes x 5 shots (repeatable);"
+    " for relation and matching also the prediction latency at 5, 20, 50 and 100 classes.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @engine_options
@@ -100,6 +111,9 @@ def compare(
         report["adaptation"] = compare_modes(
             bundle, modes, threads=threads, **engine, **(dict(runs=50, refits=3) if quick else {})
         )
+        for mode in (m for m in dict.fromkeys(modes) if m in BY_CLASSES):
+            sizes: dict[str, Any] = dict(runs=20, counts=(5, 20)) if quick else {}
+            report[f"{mode} by classes"] = latency_by_classes(bundle, mode, threads=threads, **engine, **sizes)
     if as_json:
         emit_json(report)
     else:
@@ -114,7 +128,11 @@ def format_compare(name: str, r: dict[str, Any]) -> str:
 
     m = r["machine"]
     head = f"{r['bundle']}: {m['cpu']}, {m['cpus']} CPUs, onnxruntime {m['onnxruntime']}, {r['threads'] or 'default'} threads"
-    if name == "precisions":
+    if name.endswith(" by classes"):
+        header = ["classes", "predict p50/p99 ms"]
+        rows = [[n, ms(v)] for n, v in r["classes"].items()]
+        foot = f"mode {r['mode']}, {r['shots_per_class']} shots per class, one image per prediction"
+    elif name == "precisions":
         header = [
             "precision",
             "predict p50/p99 ms",

@@ -11,6 +11,7 @@ from .anil import ANIL
 from .base import METHODS, FewShotMethod, MethodOption, register_method
 from .film import FiLMProtoNet
 from .mann import MANN
+from .matching import MatchingNet
 from .protonet import ProtoNet
 from .transformer import SetTransformer
 
@@ -28,6 +29,7 @@ __all__ = [
     "FewShotMethod",
     "FiLMProtoNet",
     "MANN",
+    "MatchingNet",
     "MethodOption",
     "ProtoNet",
     "SetTransformer",
