@@ -3,17 +3,38 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 from PIL import Image
 from runtime_support import BLOCK_TORCH, DIM, SPEC, _model, embed_by_hand, images, linear_encoder, run_python, weight
 
+from fewshot_edge.checkpoint import build_method, load_checkpoint, save_checkpoint
 from fewshot_edge.cli import main
-from fewshot_edge.runtime import Adaptation, Calibration, EmbeddingSpec, FewShotInputError, FewShotModel, write_bundle
+from fewshot_edge.config import TrainConfig
+from fewshot_edge.data.splits import load_splits
+from fewshot_edge.episodes import Episode
+from fewshot_edge.export.bundle import export_draft
+from fewshot_edge.methods import MANN, create_method
+from fewshot_edge.methods.sequence import SequenceMethod
+from fewshot_edge.models import create_backbone
+from fewshot_edge.runtime import (
+    Adaptation,
+    Calibration,
+    EmbeddingSpec,
+    FewShotInputError,
+    FewShotModel,
+    InputSpec,
+    SequenceAdapter,
+    preprocess,
+    write_bundle,
+)
+from fewshot_edge.runtime.store import Shots
 
 CAT, DOG, BIRD = images(1, 3, center=60), images(2, 2, center=190), images(3, 2, center=120)
 QUERIES = images(4, 2, center=70) + images(5, 2, center=180)
@@ -284,3 +305,193 @@ def test_runs_without_torch(tmp_path, w):
         "    print(model.predict([np.full((4, 4), 180, np.uint8)])[0].label)\n"
     )
     assert run_python(code, str(bundle)).strip() in ("a", "b")
+
+
+# --- the methods behind the mode: mann and transformer ---------------------------------------------------
+
+TINY = {
+    "mann": {"controller": 16, "memory_slots": 8, "memory_width": 8},
+    "transformer": {"width": 16, "depth": 1, "heads": 2},
+}
+
+
+def tiny(name: str, max_way: int = 5, seed: int = 0) -> SequenceMethod:
+    torch.manual_seed(seed)
+    method = create_method(name, create_backbone("conv4", 1, 28), max_way=max_way, **TINY[name])
+    assert isinstance(method, SequenceMethod)
+    return method
+
+
+def episode(n_way: int, k_shot: int, q_query: int = 3, seed: int = 0) -> Episode:
+    """Synthetic classes: a per-class mean image plus noise, class-major."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(n_way, 1, 28, 28, generator=g)
+
+    def draw(per: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n_way).repeat_interleave(per)
+        return means[y] + 0.5 * torch.randn(len(y), 1, 28, 28, generator=g), y
+
+    (s, sy), (q, qy) = draw(k_shot), draw(q_query)
+    return Episode(s, sy, q, qy, n_way, torch.arange(n_way), torch.zeros(n_way, k_shot + q_query, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["mann", "transformer"])
+def test_logits_any_way_up_to_max_way_and_refused_beyond(name):
+    method = tiny(name, max_way=5).eval()
+    for n_way, k_shot in ((1, 1), (2, 3), (5, 1)):
+        ep = episode(n_way, k_shot)
+        logits = method.logits(ep.support, ep.support_labels, ep.query, n_way)
+        assert logits.shape == (3 * n_way, n_way) and torch.isfinite(logits).all()
+    ep = episode(6, 1)
+    with pytest.raises(FewShotInputError, match=r"reads at most 5 classes \(its label slots, option max_way\), got 6"):
+        method.logits(ep.support, ep.support_labels, ep.query, 6)
+    with pytest.raises(FewShotInputError, match="got 6"):
+        method.loss(ep)
+
+
+@pytest.mark.parametrize("name", ["mann", "transformer"])
+def test_queries_are_answered_independently(name):
+    method = tiny(name).eval()
+    ep = episode(3, 2)
+    with torch.no_grad():
+        together = method.logits(ep.support, ep.support_labels, ep.query, 3)
+        alone = torch.cat([method.logits(ep.support, ep.support_labels, q[None], 3) for q in ep.query])
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mann", "transformer"])
+def test_a_few_steps_reduce_the_loss(name):
+    method = tiny(name).train()
+    opt = torch.optim.Adam(method.parameters(), lr=3e-3)
+    ep = episode(4, 2)
+    losses = []
+    for _ in range(8):
+        torch.manual_seed(1)  # the same slots and support order each step: one fixed objective
+        loss, acc = method.loss(ep)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        assert 0.0 <= acc.item() <= 1.0
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("name", ["mann", "transformer"])
+def test_training_permutes_the_label_slots(name):
+    method = tiny(name, max_way=20)
+    seen = {tuple(method.random_slots(5, torch.device("cpu")).tolist()) for _ in range(5)}
+    assert len(seen) > 1 and all(len(set(s)) == 5 and max(s) < 20 for s in seen)
+    assert any(max(s) >= 5 for s in seen)  # slots beyond the first n_way are trained too
+
+
+@pytest.mark.parametrize("name", ["mann", "transformer"])
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path, name):
+    config, spec = TrainConfig(method=name, method_options={"max_way": 6, **TINY[name]}), InputSpec(1, 28, 28)
+    torch.manual_seed(0)
+    method = build_method(config, spec).eval()
+    save_checkpoint(tmp_path / "m.pt", method, config, spec)
+    loaded, _, _, _ = load_checkpoint(tmp_path / "m.pt")
+    ep = episode(3, 2)
+    args = (ep.support, ep.support_labels, ep.query, 3)
+    assert loaded.options["max_way"] == 6
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(*args), method.logits(*args))
+
+
+@pytest.mark.parametrize("name", ["mann", "transformer"])
+def test_graphs_take_any_number_of_shots_and_queries(tmp_path, name):
+    """The exported graphs, traced on 2 images, run on other sizes as PyTorch does, through the mode."""
+    method = tiny(name).eval()
+    export_draft(method, InputSpec(1, 28, 28), tmp_path)
+    adapter = FewShotModel.open(tmp_path / "draft").adapter
+    assert isinstance(adapter, SequenceAdapter)
+    for shots, queries in ((1, 4), (7, 2), (12, 1)):
+        emb = torch.randn(shots + queries, method.backbone.out_dim)
+        slots = torch.arange(shots) % 3
+        adapter.fit(
+            Shots(np.arange(shots), ["a", "b", "c"][: min(shots, 3)], slots.numpy(), emb[:shots].numpy(), None, 0)
+        )
+        with torch.no_grad():
+            if isinstance(method, MANN):
+                state, _ = method.write(method.initial_state(), emb[:shots], slots)
+                expected = method.read(state, emb[shots:])
+            else:
+                expected = method.read(emb[:shots], slots, emb[shots:])
+        got = adapter.score(emb[shots:].numpy())[0]
+        np.testing.assert_allclose(got, expected[:, : min(shots, 3)].numpy(), atol=1e-5)
+
+
+def character_files(run_dir: Path, out: Path, n_way: int, k_shot: int) -> tuple[list[Path], list[Path], list[str]]:
+    """PNG files of held-out characters as a user has them (black strokes on white): a folder per class of
+    ``k_shot`` images, and one more image per class as a query."""
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    validation = load_splits(config)[1]
+    folders, queries, labels = [], [], []
+    for c in range(n_way):
+        ids = np.flatnonzero(validation.labels == c)[: k_shot + 1]
+        folders.append(out / f"char{c}")
+        for i, image_id in enumerate(ids):
+            path = (out / "queries" if i == k_shot else folders[-1]) / f"char{c}_{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(255 - validation.images[image_id, 0]).save(path)  # the data set stores them inverted
+        queries.append(path)
+        labels.append(f"char{c}")
+    return folders, queries, labels
+
+
+def cli(*args: object) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("name", ["mann", "transformer"])
+def test_train_eval_export_enroll_predict_bench(omniglot_small1, tmp_path, name):
+    options = [arg for key, value in TINY[name].items() for arg in ("-O", f"{key}={value}")]
+    cli(
+        "train", "--source", omniglot_small1, "--holdout", "1", "--method", name, *options,
+        "--way", "5", "--shot", "1", "--query", "3", "--episodes", "6", "--val-every", "6", "--val-episodes", "3",
+        "--device", "cpu", "--out", tmp_path / "run",
+    )  # fmt: skip
+    assert "5-way 1-shot" in cli("eval", tmp_path / "run" / "last.pt", "--episodes", "5", "--way", "5", "--shot", "1")
+    cli("export", tmp_path / "run" / "last.pt", "--out", tmp_path / "bundle", "--calibration-episodes", "20")
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    mode = manifest["adaptation"]["modes"]["sequence"]
+    assert manifest["adaptation"]["default"] == "sequence" and mode["max_way"] == 20
+    roles = {entry["role"] for entry in manifest["files"].values()}
+    assert roles == ({"encoder", "sequence", "sequence_write"} if name == "mann" else {"encoder", "sequence"})
+    checks = manifest["provenance"]["parity"]["checks"]
+    assert all(any(check.startswith(f"{role} on ") for check in checks) for role in roles - {"encoder"})
+    assert max(checks.values()) <= 1e-4
+
+    folders, queries, labels = character_files(tmp_path / "run", tmp_path / "files", n_way=4, k_shot=2)
+    store = tmp_path / "device.db"
+    for folder in folders:
+        cli(
+            "enroll",
+            "--bundle",
+            tmp_path / "bundle",
+            "--store",
+            store,
+            "--adapt",
+            "sequence",
+            "--label",
+            folder.name,
+            folder,
+        )
+    answers = json.loads(cli("predict", "--bundle", tmp_path / "bundle", "--store", store, *queries, "--json"))
+    assert len(answers) == 4 and all(a["top_k"][0]["label"] in labels for a in answers)
+
+    # the device's probabilities are PyTorch's logits through the calibrated temperature
+    method, _, spec, _ = load_checkpoint(tmp_path / "run" / "last.pt")
+    method.eval()
+    load = lambda files: torch.from_numpy(preprocess([str(f) for f in files], spec))  # noqa: E731
+    support = load([f for folder in folders for f in sorted(folder.iterdir())])
+    with torch.no_grad():
+        logits = method.logits(support, torch.arange(4).repeat_interleave(2), load(queries), 4).double().numpy()
+    expected = softmax(logits / manifest["calibration"]["temperature"])
+    np.testing.assert_allclose([a["probability"] for a in answers], expected.max(1), rtol=1e-4, atol=1e-6)
+    assert [a["top_k"][0]["label"] for a in answers] == [labels[i] for i in expected.argmax(1)]
+
+    report = json.loads(cli("bench", tmp_path / "bundle", "--adapt", "sequence", "--quick", "--json"))
+    assert set(report["adaptation"]["modes"]) == {"prototype", "sequence"}

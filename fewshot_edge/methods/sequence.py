@@ -47,7 +47,8 @@ class SequenceMethod(FewShotMethod):
     def check_way(self, n_way: int) -> None:
         if n_way > self.max_way:
             raise FewShotInputError(
-                f"{self.name} reads at most {self.max_way} classes (max_way, its trained label slots), got {n_way}"
+                f"{self.name} reads at most {self.max_way} classes (its label slots, option max_way), got {n_way}:"
+                f" use episodes of at most {self.max_way} ways, or a larger max_way"
             )
 
     def demo_slots(self, n: int, device: torch.device) -> torch.Tensor:
