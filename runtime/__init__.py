@@ -7,6 +7,7 @@ from .errors import FewShotInputError
 from .matching import MatchingAdapter
 from .model import FewShotModel, Prediction
 from .preprocess import Frame, InputSpec, normalize, preprocess, to_pixels
+from .relation import RelationAdapter
 from .sequence import SequenceAdapter
 from .store import EnrollmentStore, validate_label
 
@@ -28,6 +29,7 @@ __all__ = [
     "MatchingAdapter",
     "OpenSet",
     "Prediction",
+    "RelationAdapter",
     "SequenceAdapter",
     "normalize",
     "open_bundle",

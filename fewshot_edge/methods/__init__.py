@@ -13,6 +13,7 @@ from .film import FiLMProtoNet
 from .mann import MANN
 from .matching import MatchingNet
 from .protonet import ProtoNet
+from .relation import RelationNet
 from .transformer import SetTransformer
 
 
@@ -32,6 +33,7 @@ __all__ = [
     "MatchingNet",
     "MethodOption",
     "ProtoNet",
+    "RelationNet",
     "SetTransformer",
     "create_method",
     "register_method",
