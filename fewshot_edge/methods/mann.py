@@ -36,7 +36,7 @@ EPS = 1e-6
 
 @register_method
 class MANN(SequenceMethod):
-    """An LSTM with a least-recently-used access memory over backbone embeddings (see the module docstring)."""
+    """Santoro et al. 2016: an LSTM controller with a least-recently-used access memory over embeddings."""
 
     name = "mann"
     form = "recurrent"
