@@ -83,6 +83,8 @@ class SetTransformer(SequenceMethod):
             raise FewShotInputError(f"label_codes must be one of {', '.join(LABEL_CODES)}, got {label_codes!r}")
         if label_codes == "fixed" and width <= max_way:
             raise FewShotInputError(f"fixed label codes need width > max_way, got width {width}, max_way {max_way}")
+        if width % heads:
+            raise FewShotInputError(f"width must be a multiple of heads, got width {width}, heads {heads}")
         super().__init__(
             backbone,
             max_way,
@@ -100,8 +102,6 @@ class SetTransformer(SequenceMethod):
             self.register_buffer("codes", q.T * width**0.5)
         else:
             self.codes = nn.Parameter(torch.randn(max_way + 1, width))
-        if width % heads:
-            raise FewShotInputError(f"width must be a multiple of heads, got width {width}, heads {heads}")
         self.encoder = nn.Sequential(*[Block(width, heads, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, max_way)
