@@ -10,7 +10,17 @@ import pytest
 import torch
 from conftest import require_data
 from onnx import TensorProto, helper
-from runtime_support import SPEC, _model, embed_by_hand, images, linear_encoder, weight
+from runtime_support import (
+    BLOCK_TORCH,
+    SPEC,
+    _model,
+    embed_by_hand,
+    images,
+    linear_encoder,
+    make_bundle,
+    run_python,
+    weight,
+)
 from test_cli_adaptation import character_files, run, train_args
 from test_film import episode
 
@@ -241,3 +251,34 @@ def test_runtime_predictions_equal_pytorch_on_held_out_episodes(trained, tmp_pat
             z = model.adapter.score(model.embed(list(raw[index[:, 3:].ravel()])))[0]
         np.testing.assert_allclose(z, expected, atol=1e-4)
     assert runs  # through the exported relation graph
+
+
+NO_TORCH = (
+    BLOCK_TORCH
+    + """
+import numpy as np
+from fewshot_edge.runtime import FewShotModel
+
+with FewShotModel.open(sys.argv[1], store=sys.argv[2]) as m:
+    m.enroll("a", [np.full((4, 4), 20, np.uint8), np.full((4, 4), 90, np.uint8)])
+    m.enroll("b", [np.full((4, 4), 230, np.uint8)])
+    print(m.adapter.name, *np.round(m.predict_proba([np.full((4, 4), 200, np.uint8)])[0], 6))
+assert "torch" not in sys.modules
+"""
+)
+
+
+@pytest.mark.parametrize("mode", ["relation", "matching"])
+def test_the_modes_run_without_torch(tmp_path, mode):
+    if mode == "relation":
+        bundle = relation_bundle(tmp_path / "b", np.eye(3), -1.0)
+    else:
+        bundle = make_bundle(
+            tmp_path / "b", weight(0), metric="cosine", scale=3.0, adaptation=Adaptation("matching", {"matching": {}})
+        )
+    out = run_python(NO_TORCH, str(bundle.path), str(tmp_path / "device.db")).split()
+    with FewShotModel.open(bundle.path, store=tmp_path / "here.db") as model:
+        model.enroll("a", [np.full((4, 4), 20, np.uint8), np.full((4, 4), 90, np.uint8)])
+        model.enroll("b", [np.full((4, 4), 230, np.uint8)])
+        expected = np.round(model.predict_proba([np.full((4, 4), 200, np.uint8)])[0], 6)
+    assert out[0] == mode and [float(p) for p in out[1:]] == pytest.approx(expected.tolist(), abs=2e-6)
