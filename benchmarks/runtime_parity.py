@@ -1,9 +1,10 @@
 """Acceptance: the device runtime classifies as PyTorch does.
 
 On the same seeded evaluation episodes (default 1,000 5-way 1-shot 15-query) of the checkpoint's
-held-out classes, drawn once with ``EpisodeSampler``, PyTorch ProtoNet and the runtime
-(``FewShotModel`` on the exported ONNX encoder: preprocessing, engine, enrollment store, prototype
-adapter) classify the exact same images. Reports both accuracies with 95% CIs, their difference in
+held-out classes, drawn once with ``EpisodeSampler``, the PyTorch method (its ``logits``: ProtoNet,
+matching, relation, ...) and the runtime (``FewShotModel`` on the exported bundle: preprocessing,
+engine, enrollment store, the adapter of the bundle's default mode or ``--adapt MODE``, with every
+graph it runs) classify the exact same images. Reports both accuracies with 95% CIs, their difference in
 percentage points (target <= 0.2) with the CI of the paired per-episode difference, how often the two
 predictions agree, and the share of queries the runtime's open-set threshold answers "unknown".
 
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--shot", type=int, default=1)
     parser.add_argument("--query", type=int, default=15)
     parser.add_argument("--seed", type=int, default=1000, help="seed of the evaluation episodes")
+    parser.add_argument("--adapt", help="the runtime's adaptation mode (default: the bundle's default mode)")
     args = parser.parse_args()
 
     method, config, spec, _ = load_checkpoint(args.checkpoint)
@@ -58,7 +60,7 @@ def main() -> None:
     labels = [f"class {c}" for c in range(args.way)]
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or export_bundle(args.checkpoint, Path(tmp) / "bundle").path
-        with FewShotModel.open(bundle) as model, torch.no_grad():
+        with FewShotModel.open(bundle, adapt=args.adapt) as model, torch.no_grad():
             t0 = time.perf_counter()
             for i in range(args.episodes):
                 ep = sampler.sample()
@@ -77,13 +79,14 @@ def main() -> None:
                 torch_acc[i], runtime_acc[i] = (torch_pred == truth).mean(), (runtime_pred == truth).mean()
                 agree += int((torch_pred == runtime_pred).sum())
             runtime_s = time.perf_counter() - t0
-            model_id = model.bundle.model_id
+            model_id, mode = model.bundle.model_id, model.adapter.name
     queries = args.episodes * args.way * args.query
     (t_mean, t_ci), (r_mean, r_ci) = confidence_interval(torch_acc), confidence_interval(runtime_acc)
     d_mean, d_ci = confidence_interval(runtime_acc - torch_acc)
     report = {
         "checkpoint": args.checkpoint,
         "model_id": model_id,
+        "mode": mode,
         "task": f"{args.episodes} episodes of {args.way}-way {args.shot}-shot {args.query}-query, seed {args.seed}",
         "held_out_classes": held_out.num_classes,
         "same_episodes_as_evaluate": bool(np.isclose(t_mean, reference.accuracy, atol=1e-6)),
