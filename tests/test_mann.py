@@ -52,6 +52,20 @@ def test_a_label_is_given_one_step_after_its_image():
         assert not torch.allclose(method.read(a, queries), method.read(b, queries))
 
 
+def test_without_the_delay_a_label_comes_with_its_image():
+    """With ``label_delay`` false a step sees its own shot's label, and the queries read the state as the
+    last shot left it (no binding step)."""
+    method = mann(label_delay=False)
+    support, queries = torch.randn(3, method.backbone.out_dim), torch.randn(2, method.backbone.out_dim)
+    with torch.no_grad():
+        a, steps_a = method.write(method.initial_state(), support, torch.tensor([0, 1, 2]))
+        b, steps_b = method.write(method.initial_state(), support, torch.tensor([0, 1, 3]))
+        torch.testing.assert_close(steps_a[:2], steps_b[:2])
+        assert not torch.allclose(steps_a[2], steps_b[2])
+        _, direct = method.step(a.expand(2, -1), queries, torch.zeros(2, 4), write=False)
+        torch.testing.assert_close(method.read(a, queries), direct)
+
+
 def test_the_order_of_the_shots_matters():
     method = mann()
     support, queries = torch.randn(4, method.backbone.out_dim), torch.randn(2, method.backbone.out_dim)

@@ -315,9 +315,9 @@ TINY = {
 }
 
 
-def tiny(name: str, max_way: int = 5, seed: int = 0) -> SequenceMethod:
-    torch.manual_seed(seed)
-    method = create_method(name, create_backbone("conv4", 1, 28), max_way=max_way, **TINY[name])
+def tiny(name: str, max_way: int = 5, **options: object) -> SequenceMethod:
+    torch.manual_seed(0)
+    method = create_method(name, create_backbone("conv4", 1, 28), max_way=max_way, **TINY[name], **options)
     assert isinstance(method, SequenceMethod)
     return method
 
@@ -398,10 +398,10 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, name):
         assert torch.equal(loaded.logits(*args), method.logits(*args))
 
 
-@pytest.mark.parametrize("name", ["mann", "transformer"])
-def test_graphs_take_any_number_of_shots_and_queries(tmp_path, name):
+@pytest.mark.parametrize("name,options", [("mann", {}), ("mann", {"label_delay": False}), ("transformer", {})])
+def test_graphs_take_any_number_of_shots_and_queries(tmp_path, name, options):
     """The exported graphs, traced on 2 images, run on other sizes as PyTorch does, through the mode."""
-    method = tiny(name).eval()
+    method = tiny(name, **options).eval()
     export_draft(method, InputSpec(1, 28, 28), tmp_path)
     adapter = FewShotModel.open(tmp_path / "draft").adapter
     assert isinstance(adapter, SequenceAdapter)
