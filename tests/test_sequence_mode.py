@@ -481,6 +481,8 @@ def test_train_eval_export_enroll_predict_bench(omniglot_small1, tmp_path, name)
         )
     answers = json.loads(cli("predict", "--bundle", tmp_path / "bundle", "--store", store, *queries, "--json"))
     assert len(answers) == 4 and all(a["top_k"][0]["label"] in labels for a in answers)
+    asked = cli("predict", "--bundle", tmp_path / "bundle", "--store", store, "--adapt", "sequence", *queries, "--json")
+    assert json.loads(asked) == answers  # enroll --adapt made it the store's mode
 
     # the device's probabilities are PyTorch's logits through the calibrated temperature
     method, _, spec, _ = load_checkpoint(tmp_path / "run" / "last.pt")
