@@ -77,6 +77,10 @@ class Adapter(ABC):
         """Take newly enrolled shots in without a full refit; return False when the mode needs one."""
         return False
 
+    def admit(self, classes: int) -> None:  # noqa: B027 (no limit unless the mode has one)
+        """Raise FewShotInputError when the mode cannot hold ``classes`` enrolled classes; the model asks
+        before it writes an enrollment, so a class the mode could never read is not stored."""
+
     def graph(self, role: str) -> Callable[..., Any] | None:
         """What this mode runs the bundle's graph ``role`` with (the graph's inputs in order -> its
         output, or a tuple of outputs), so export checks that very runner; None when it runs no such graph."""

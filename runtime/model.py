@@ -200,6 +200,9 @@ class FewShotModel:
                     NewShots(label, self.adapter.embed(normalize(pixels, self.spec)), pixels, hashes)
                     for label, pixels, hashes in prepared
                 ]
+            if not add:
+                enrolled = {label for label, _ in self.store.list_classes()}
+                self.adapter.admit(len(enrolled | {batch.label for batch in batches}))
             before = self._fitted_version
             added = self.store.add_many(batches, new_classes=not add, skip_duplicates=add and skip_duplicates)
             in_step = before is not None and added.version == before + 1

@@ -74,7 +74,7 @@ class SequenceAdapter(Adapter):
         return self.writer.run if role == self.roles.get("write") else None
 
     def fit(self, shots: Shots, state: Mapping[str, np.ndarray] | None = None) -> None:
-        self.check_way(len(shots.labels))
+        self.admit(len(shots.labels))
         order = np.argsort(shots.ids, kind="stable")  # insertion order: shot ids grow as shots are stored
         self.labels = list(shots.labels)
         self.support = np.zeros((0, self.embedding.size), dtype=np.float32)
@@ -84,7 +84,7 @@ class SequenceAdapter(Adapter):
 
     def add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray) -> bool:
         slot = self.labels.index(label) if label in self.labels else len(self.labels)
-        self.check_way(slot + 1)
+        self.admit(slot + 1)
         if slot == len(self.labels):
             self.labels.append(label)
         self._take(embeddings, np.full(len(embeddings), slot, dtype=np.int64))
@@ -100,7 +100,7 @@ class SequenceAdapter(Adapter):
         nearest = d.argmin(axis=1)
         return logits[:, : len(self.labels)].astype(np.float64), d[np.arange(len(d)), nearest], self.counts[nearest]
 
-    def check_way(self, classes: int) -> None:
+    def admit(self, classes: int) -> None:
         """Refuse more classes than the model has label slots."""
         if classes > self.max_way:
             raise FewShotInputError(
