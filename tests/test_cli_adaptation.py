@@ -115,7 +115,10 @@ def test_train_export_enroll_predict(omniglot_small1, tmp_path, method, options,
         ),
         (["--method", "anil", "--metric", "cosine"], "method 'anil' has no option 'metric'"),
         (["--method", "film", "-O", "task_dim"], "--method-option takes KEY=VALUE, got 'task_dim'"),
-        (["--method", "maml"], "unknown method 'maml'; choose from anil, film, protonet"),
+        (
+            ["--method", "siamese"],
+            "unknown method 'siamese'; choose from anil, film, mann, matching, protonet, relation, transformer",
+        ),
         (
             ["--method", "film", "-O", "task_dim=wide"],
             "method 'film' option 'task_dim' takes a whole number, got 'wide'",

@@ -40,7 +40,7 @@ def toy():
 def test_a_registered_method_trains_from_the_cli_and_is_listed_with_its_options(toy, omniglot_small1, tmp_path):
     helped = CliRunner().invoke(main, ["train", "--help"], terminal_width=200)
     assert helped.exit_code == 0
-    assert "[protonet|anil|film|toy]" in helped.output
+    assert f"[{'|'.join(METHODS)}]" in helped.output and list(METHODS)[-1] == "toy"
     assert "Toy: ProtoNet logits divided by a fixed temperature." in helped.output
     assert "temperature=2.0  what the logits are divided by" in helped.output
     args = [
