@@ -27,16 +27,17 @@ from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.evaluate import evaluate
 from fewshot_edge.export import export_bundle
-from fewshot_edge.runtime import FewShotModel, InputSpec
+from fewshot_edge.runtime import FewShotModel, Frame, InputSpec
 from fewshot_edge.runtime.stats import confidence_interval
 
 TARGET_PP = 0.2
 
 
-def as_drawn(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """A data-set image (uint8 (C, H, W) after ``to_pixels``) back as the device would receive it."""
+def as_drawn(pixels: np.ndarray, spec: InputSpec) -> np.ndarray | Frame:
+    """A data-set image (uint8 (C, H, W) after ``to_pixels``) back as the device would receive it: a gray
+    array, or an RGB ``Frame`` (a colour array must say its channel order)."""
     pixels = 255 - pixels if spec.invert else pixels
-    return pixels[0] if spec.channels == 1 else pixels.transpose(1, 2, 0)
+    return pixels[0] if spec.channels == 1 else Frame(pixels.transpose(1, 2, 0), "RGB")
 
 
 def main() -> None:
