@@ -378,3 +378,26 @@ def test_desktop_commands_without_torch_say_which_extra_they_need(tmp_path):
     done = cli_without_torch("train", "--source", str(tmp_path), "--out", str(tmp_path / "run"))
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().splitlines() == ["Error: this command needs torch: pip install 'fewshot-edge[train]'"]
+
+
+def test_the_shipped_photo_bundle_enrolls_class_folders_of_photos_and_answers(tmp_path):
+    """mini-conv4 (RGB 84x84, cosine prototypes): phone-shaped JPEG photos in class folders enroll from the
+    CLI, and each class's own photo is answered with that class."""
+    with FewShotModel.open("mini-conv4") as model:
+        assert (model.spec.channels, model.spec.height, model.spec.width) == (3, 84, 84)
+        assert model.bundle.manifest.embedding.metric == "cosine"
+    rng = np.random.default_rng(0)
+    photos = tmp_path / "photos"
+    for name, colour in (("red mug", (200, 30, 30)), ("green plant", (30, 160, 40)), ("blue book", (30, 40, 200))):
+        (photos / name).mkdir(parents=True)
+        for i in range(2):  # 4:3 photos with texture, as a phone gives
+            noise = rng.integers(-60, 60, (96, 128, 3))
+            Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(photos / name / f"{i}.jpg")
+    store = tmp_path / "shop.db"
+    run("enroll", "--bundle", "mini-conv4", "--store", store, photos)
+    listed = run("classes", "list", "--bundle", "mini-conv4", "--store", store, "--json").stdout
+    assert sorted(c["label"] for c in json.loads(listed)) == ["blue book", "green plant", "red mug"]
+    with FewShotModel.open("mini-conv4", store=store) as model:
+        for name in ("red mug", "green plant", "blue book"):
+            (answer,) = model.predict([photos / name / "0.jpg"], top_k=3)
+            assert answer.top_k[0][0] == name
