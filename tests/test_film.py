@@ -97,18 +97,24 @@ def test_penalty_is_zero_at_init_and_positive_after_a_nudge():
     torch.testing.assert_close(loss, plain + 0.5 * penalty)
 
 
-def test_a_few_steps_reduce_the_loss_and_train_the_context():
-    torch.manual_seed(0)
-    method = FiLMProtoNet(create_backbone("conv4", 1, 28))
+def adam_losses(method, ep, steps: int) -> list[float]:
+    """The episode's loss before each of ``steps`` Adam steps (lr 1e-3) on ``method``."""
     opt = torch.optim.Adam(method.parameters(), lr=1e-3)
-    ep = episode(5, 3, q_query=4)
     losses = []
-    for _ in range(5):
+    for _ in range(steps):
         loss, _ = method.loss(ep)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_a_few_steps_reduce_the_loss_and_train_the_context():
+    torch.manual_seed(0)
+    method = FiLMProtoNet(create_backbone("conv4", 1, 28))
+    ep = episode(5, 3, q_query=4)
+    losses = adam_losses(method, ep, 5)
     assert losses[-1] < losses[0]
     assert film_penalty(method.context(ep.support)).item() > 0  # the generators moved off identity
 

@@ -11,7 +11,7 @@ import torch
 from conftest import require_data
 from runtime_support import embed_by_hand, images, make_bundle, weight
 from test_cli_adaptation import character_files, run, train_args
-from test_film import episode
+from test_film import adam_losses, episode
 
 from fewshot_edge.checkpoint import load_checkpoint
 from fewshot_edge.data.splits import load_splits
@@ -121,15 +121,7 @@ def test_a_few_steps_reduce_the_loss_with_and_without_fce():
     for fce in (False, True):
         torch.manual_seed(0)
         method = MatchingNet(create_backbone("conv4", 1, 28), fce=fce)
-        opt = torch.optim.Adam(method.parameters(), lr=1e-3)
-        ep = episode(5, 2, q_query=3)
-        losses = []
-        for _ in range(6):
-            loss, _ = method.loss(ep)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = adam_losses(method, episode(5, 2, q_query=3), 6)
         assert losses[-1] < losses[0]
 
 

@@ -22,7 +22,7 @@ from runtime_support import (
     weight,
 )
 from test_cli_adaptation import character_files, run, train_args
-from test_film import episode
+from test_film import adam_losses, episode
 
 import fewshot_edge.runtime.relation as relation_mode
 from fewshot_edge.checkpoint import load_checkpoint
@@ -177,15 +177,8 @@ def test_the_encoder_keeps_feature_maps_and_the_module_scores_every_pair():
 def test_a_few_steps_reduce_the_loss(loss):
     torch.manual_seed(0)
     method = RelationNet(create_backbone("conv4", 1, 28), loss=loss)
-    opt = torch.optim.Adam(method.parameters(), lr=1e-3)
     ep = episode(5, 2, q_query=3)
-    losses = []
-    for _ in range(6):
-        value, _ = method.loss(ep)
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        losses.append(value.item())
+    losses = adam_losses(method, ep, 6)
     assert losses[-1] < losses[0]
     if loss == "mse":
         with torch.no_grad():
