@@ -176,3 +176,18 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     any signature dropped), so a test's edit reaches the field checks instead of the integrity check."""
     manifest = {k: v for k, v in manifest.items() if k not in ("manifest_sha256", "signature")}
     (Path(folder) / "manifest.json").write_text(json.dumps({**manifest, "manifest_sha256": manifest_sha256(manifest)}))
+
+
+def enroll_after_a_fit(model) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray], int]:
+    """Enroll "cat", predict once (the fit), then enroll "dog" and add shots to "cat"; returns the cat, dog
+    and added images, the queries, and how many full fits ran (1 when the mode took the rest in by ``add``)."""
+    cat, dog, more = images(1, 4, center=60), images(2, 3, center=190), images(3, 2, center=120)
+    queries = images(4, 2, center=70) + images(5, 2, center=180)
+    fits = []
+    fit = model.adapter.fit
+    model.adapter.fit = lambda *args: fits.append(1) or fit(*args)
+    model.enroll("cat", cat)
+    model.predict_proba(queries)
+    model.enroll("dog", dog)
+    model.add_shots("cat", more)
+    return cat, dog, more, queries, len(fits)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_data
-from runtime_support import embed_by_hand, images, make_bundle, weight
+from runtime_support import embed_by_hand, enroll_after_a_fit, make_bundle, weight
 from test_cli_adaptation import character_files, run, train_args
 from test_film import adam_losses, episode
 
@@ -96,18 +96,10 @@ def test_model_predicts_by_hand_and_enrolls_without_refitting(tmp_path):
         temperature=1.3,
         adaptation=Adaptation("matching", {"matching": {}}),
     )
-    cat, dog, more = images(1, 4, center=60), images(2, 3, center=190), images(3, 2, center=120)
-    queries = images(4, 2, center=70) + images(5, 2, center=180)
     with FewShotModel.open(bundle.path) as model:
-        fits = []
-        fit = model.adapter.fit
-        model.adapter.fit = lambda *a: fits.append(1) or fit(*a)
-        model.enroll("cat", cat)
-        model.predict_proba(queries)
-        model.enroll("dog", dog)
-        model.add_shots("cat", more)
+        cat, dog, more, queries, fits = enroll_after_a_fit(model)
         probabilities = model.predict_proba(queries)
-        assert len(fits) == 1  # one fit; every enrollment after it was an add
+        assert fits == 1  # one fit; every enrollment after it was an add
         keys, q = embed_by_hand(cat + more + dog, w), embed_by_hand(queries, w)
         cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (keys / np.linalg.norm(keys, axis=1, keepdims=True)).T
         logits = np.stack([np.log(np.exp(0.7 * cos[:, :6]).sum(1)), np.log(np.exp(0.7 * cos[:, 6:]).sum(1))], 1)

@@ -15,7 +15,7 @@ from runtime_support import (
     SPEC,
     _model,
     embed_by_hand,
-    images,
+    enroll_after_a_fit,
     linear_encoder,
     make_bundle,
     run_python,
@@ -131,19 +131,11 @@ def test_model_predicts_by_hand_without_refitting_on_enrollment(tmp_path):
     rng = np.random.default_rng(4)
     a, w = rng.normal(size=(3, 3)), weight(2)
     bundle = relation_bundle(tmp_path / "b", a, 0.3, w=w, temperature=0.8)
-    cat, dog, more = images(1, 4, center=60), images(2, 3, center=190), images(3, 2, center=120)
-    queries = images(4, 2, center=70) + images(5, 2, center=180)
     with FewShotModel.open(bundle.path) as model:
-        fits = []
-        fit = model.adapter.fit
-        model.adapter.fit = lambda *x: fits.append(1) or fit(*x)
-        model.enroll("cat", cat)
-        model.predict(queries)
-        model.enroll("dog", dog)
-        model.add_shots("cat", more)
+        cat, dog, more, queries, fits = enroll_after_a_fit(model)
         predictions = model.predict(queries)
         probabilities = model.predict_proba(queries)
-        assert len(fits) == 1  # one fit; the enrollments after it updated the class features in place
+        assert fits == 1  # one fit; the enrollments after it updated the class features in place
     classes = np.stack([embed_by_hand(cat + more, w).mean(0), embed_by_hand(dog, w).mean(0)])
     z = embed_by_hand(queries, w) @ a @ classes.T + 0.3
     expected = np.exp(z / 0.8) / np.exp(z / 0.8).sum(1, keepdims=True)
