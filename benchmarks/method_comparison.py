@@ -1,12 +1,14 @@
 """Methods side by side at an equal training budget: each is meta-trained for the same number of episodes
-of the same shape, seed and learning-rate schedule, then its last checkpoint is evaluated on the same
-held-out episodes (95% CIs). Omniglot: the background set minus 5 held-out alphabets (characters upright
+(or, with --time-limit, the same wall-clock minutes) of the same shape, seed and learning-rate schedule,
+then its last checkpoint is evaluated on the same held-out episodes (95% CIs). Omniglot: the background set minus 5 held-out alphabets (characters upright
 at evaluation); miniImageNet: the training shards, evaluated on the 16 validation classes (so at most
 16-way). Writes OUT/comparison.json after each method, so an interrupted run keeps what it finished.
 
     python benchmarks/method_comparison.py --data omniglot --episodes 10000 --device cuda --out runs/compare-omniglot
     python benchmarks/method_comparison.py --data miniimagenet --source train-0.zip --source train-1.zip \\
         --source train-2.zip --val-source val.zip --max-per-class 100 --episodes 300 --out runs/compare-mini
+    python benchmarks/method_comparison.py --data omniglot --methods protonet,matching,relation,mann,transformer \
+        --way 20 --episodes 1000000 --time-limit 5 --tasks 5x1,20x1 --out runs/compare-families
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from fewshot_edge.train import resolve_device, train
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = {"omniglot": [(5, 1), (5, 5), (20, 1), (20, 5)], "miniimagenet": [(5, 1), (5, 5), (16, 5)]}
 EPISODE_SHAPE = {"omniglot": (60, 1, 5), "miniimagenet": (20, 5, 5)}  # training n_way, k_shot, q_query
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {"protonet": {}, "film": {}, "anil": {"inner_steps": 5, "step_size": 0.001}}
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "protonet": {},
+    "film": {},
+    "anil": {"inner_steps": 5, "step_size": 0.001},
+    "matching": {},
+    "relation": {},
+    "mann": {"label_delay": False},  # with the paper's delay it stays at chance in short runs (docs/results.md)
+    "transformer": {},
+}
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
@@ -39,6 +49,8 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
         k_shot=args.shot or k_shot,
         q_query=q_query,
         episodes=args.episodes,
+        time_limit=args.time_limit,
+        init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
         lr=args.lr,
         val_every=args.episodes,
         val_episodes=100,
@@ -70,6 +82,9 @@ def main() -> None:
     parser.add_argument("--max-per-class", type=int, help="miniimagenet: first N images per class")
     parser.add_argument("--methods", default="protonet,film,anil")
     parser.add_argument("--episodes", type=int, default=10000, help="training episodes, the same for every method")
+    parser.add_argument("--time-limit", type=float, help="... or training minutes, the same for every method")
+    parser.add_argument("--init-from", help="start every method's backbone from this checkpoint (e.g. pretrained)")
+    parser.add_argument("--tasks", help="evaluation tasks as WAYxSHOT,... [all of the data set's]")
     parser.add_argument("--way", type=int, help="training way [60 omniglot, 20 miniimagenet]")
     parser.add_argument("--shot", type=int, help="training shot [1 omniglot, 5 miniimagenet]")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -79,6 +94,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/method-comparison")
     args = parser.parse_args()
 
+    tasks = [tuple(map(int, t.split("x"))) for t in args.tasks.split(",")] if args.tasks else TASKS[args.data]
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,6 +111,8 @@ def main() -> None:
         "held_out_classes": held_out.num_classes,
         "training": {
             "episodes": args.episodes,
+            "time_limit_min": args.time_limit,
+            "init_from": config.init_from,
             "way": config.n_way,
             "shot": config.k_shot,
             "query": config.q_query,
@@ -113,11 +131,12 @@ def main() -> None:
         trained, _, _, _ = load_checkpoint(out / method / "last.pt", device)
         results = [
             evaluate(trained, held_out, n, k, 15, args.eval_episodes, seed=1000 + args.seed, device=device)
-            for n, k in TASKS[args.data]
+            for n, k in tasks
         ]
         report["methods"][method] = {
             "options": METHOD_OPTIONS[method],
             "elapsed_s": metrics["elapsed_s"],
+            "episodes": metrics["episodes"],
             "episodes_per_s": metrics["episodes_per_s"],
             "results": {
                 f"{r.n_way}-way {r.k_shot}-shot": [round(100 * r.accuracy, 2), round(100 * r.ci95, 2)] for r in results

@@ -14,6 +14,7 @@ from PIL import Image
 from fewshot_edge.cli import main
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.data.splits import load_splits
+from fewshot_edge.methods import METHODS
 
 
 def run(*args: object, ok: bool = True):
@@ -117,7 +118,7 @@ def test_train_export_enroll_predict(omniglot_small1, tmp_path, method, options,
         (["--method", "film", "-O", "task_dim"], "--method-option takes KEY=VALUE, got 'task_dim'"),
         (
             ["--method", "siamese"],
-            "unknown method 'siamese'; choose from anil, film, mann, matching, protonet, relation, transformer",
+            "unknown method 'siamese'; choose from " + ", ".join(sorted(METHODS)),
         ),
         (
             ["--method", "film", "-O", "task_dim=wide"],
