@@ -23,7 +23,7 @@ from fewshot_edge.runtime.pretrained import default_bundle
 from fewshot_edge.runtime.store import normalize_label
 
 from .common import InputError, emit_json, main, reports_input_errors
-from .options import engine_options, store_options
+from .options import engine_options, mode_options, store_options
 
 PROGRESS_MIN_IMAGES = 50
 PREDICT_CHUNK = 256
@@ -190,12 +190,7 @@ def enroll(
 
 @main.command()
 @store_options
-@click.option(
-    "--adapt",
-    metavar="MODE",
-    help="Adaptation mode (one the bundle lists) [the store's, set by enroll --adapt, else the bundle's default].",
-)
-@click.option("--steps", type=int, metavar="N", help="finetune mode: gradient steps on the shots [as meta-trained].")
+@mode_options
 @click.option("--top-k", default=1, metavar="K", show_default=True, help="Also list the K most likely classes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 @click.argument("images", nargs=-1, required=True)
@@ -215,8 +210,9 @@ def predict(
     """Classify images (files, or folders of images) among the enrolled classes.
 
     \b
-    Prints the label, its probability and the distance to the nearest class prototype; the label is
-    "unknown" when that distance is beyond the bundle's open-set threshold for that class's number of shots.
+    Prints the label, its probability, the distance to the nearest class prototype and the predictive
+    entropy H in nats (with its epistemic part for the bayes mode); the label is "unknown" when that
+    distance is beyond the bundle's open-set threshold for that class's number of shots.
       fewshot-edge predict --store device.db photo.png --top-k 3
     """
     if top_k < 1:
@@ -243,6 +239,8 @@ def predict(
                     "distance": p.distance,
                     "unknown": p.label != p.top_k[0][0],
                     "top_k": [{"label": k, "probability": v} for k, v in p.top_k],
+                    "entropy": p.entropy,
+                    "epistemic": p.epistemic,
                 }
                 for f, p in zip(files, predictions, strict=True)
             ]
@@ -252,6 +250,7 @@ def predict(
     label_width = max(len(p.label) for p in predictions)
     for f, p in zip(files, predictions, strict=True):
         line = f"{str(f):<{name_width}}  {p.label:<{label_width}}  p={p.probability:.3f}  d={p.distance:.4g}"
+        line += f"  H={p.entropy:.3f}" + (f" (epistemic {p.epistemic:.3f})" if p.epistemic is not None else "")
         if p.label != p.top_k[0][0]:
             line += f"  (nearest: {p.top_k[0][0]})"
         if top_k > 1:

@@ -78,6 +78,24 @@ def store_options(func: Callable[..., Any]) -> Callable[..., Any]:
     )
 
 
+def mode_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --adapt and --steps, the adaptation mode of a command that predicts with a store's classes."""
+    return _apply(
+        func,
+        [
+            click.option(
+                "--adapt",
+                metavar="MODE",
+                help="Adaptation mode (one the bundle lists) [the store's, set by enroll --adapt, else the bundle's"
+                " default].",
+            ),
+            click.option(
+                "--steps", type=int, metavar="N", help="finetune mode: gradient steps on the shots [as meta-trained]."
+            ),
+        ],
+    )
+
+
 def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add --precision, --backend, --provider and --engine-dir; the command gets them as one ``engine``
     dict of ``FewShotModel.open`` arguments, with ``trusted_keys`` when the command also has --trusted-key
