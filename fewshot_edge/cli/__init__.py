@@ -8,6 +8,7 @@ from . import (
     deploy,  # noqa: F401  (registers info, build-engine)
     device,  # noqa: F401  (registers enroll, predict, classes)
     export,  # noqa: F401  (registers export)
+    serve,  # noqa: F401  (registers serve)
     training,  # noqa: F401  (registers train, eval)
 )
 from .common import main

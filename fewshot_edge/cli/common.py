@@ -65,8 +65,8 @@ class CommandGroup(click.Group):
             ) from None
 
 
-def require_modules(*names: str) -> None:
-    """Fail in one line (exit 1) when a desktop command runs on an install without the [train] extra."""
+def require_modules(*names: str, extra: str = "train") -> None:
+    """Fail in one line (exit 1) when a command runs on an install without the extra it needs ([train])."""
     missing = []
     for name in names:
         try:
@@ -74,7 +74,7 @@ def require_modules(*names: str) -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise click.ClickException(f"this command needs {', '.join(missing)}: pip install 'fewshot-edge[train]'")
+        raise click.ClickException(f"this command needs {', '.join(missing)}: pip install 'fewshot-edge[{extra}]'")
 
 
 def emit_json(data: Any) -> None:
