@@ -86,3 +86,17 @@ def _bezier(control: np.ndarray, steps: int = 32) -> np.ndarray:
     while points.shape[1] > 1:
         points = (1 - t) * points[:, :-1] + t * points[:, 1:]
     return points[:, 0]
+
+
+def on_camera(glyph: np.ndarray, seed: int, size: int = 128, strength: float = 1.0, noise: float = 4.0) -> np.ndarray:
+    """``glyph`` (uint8 (H, W) <= ``size``) as a camera might see it: ``perturb``-ed by ``strength``, shifted
+    on a tinted sheet of ``size`` x ``size`` pixels, with Gaussian sensor noise of ``noise`` grey levels:
+    uint8 RGB (size, size, 3)."""
+    rng = np.random.default_rng([seed, 2])
+    h, w = glyph.shape
+    sheet = rng.uniform(200, 250, size=3)  # paper under some light: RGB
+    top, left = (int(rng.integers(0, size - n + 1)) for n in (h, w))
+    ink = np.zeros((size, size), dtype=bool)
+    ink[top : top + h, left : left + w] = perturb(glyph, seed, strength) == INK
+    frame = np.where(ink[..., None], rng.uniform(0, 40, size=3), sheet) + rng.normal(0, noise, size=(size, size, 3))
+    return np.clip(np.rint(frame), 0, 255).astype(np.uint8)

@@ -10,6 +10,7 @@ from . import (
     export,  # noqa: F401  (registers export)
     serve,  # noqa: F401  (registers serve)
     training,  # noqa: F401  (registers train, eval)
+    watch,  # noqa: F401  (registers watch)
 )
 from .common import main
 
