@@ -4,6 +4,7 @@ from .adapters import ADAPTERS, Adapter, register
 from .bundle import Adaptation, Bundle, Calibration, EmbeddingSpec, Manifest, OpenSet, open_bundle, write_bundle
 from .engine import ContextEngine, Engine
 from .errors import FewShotInputError
+from .learned_update import LearnedUpdateAdapter
 from .matching import MatchingAdapter
 from .model import FewShotModel, Prediction
 from .preprocess import Frame, InputSpec, normalize, preprocess, to_pixels
@@ -25,6 +26,7 @@ __all__ = [
     "FewShotModel",
     "Frame",
     "InputSpec",
+    "LearnedUpdateAdapter",
     "Manifest",
     "MatchingAdapter",
     "OpenSet",

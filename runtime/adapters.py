@@ -223,19 +223,45 @@ class FilmAdapter(PrototypeAdapter):
         return False
 
 
+class HeadAdapter(PrototypeAdapter):
+    """A linear head (W (C, D), b (C,)) fitted on the stored shot embeddings by ``fit_head``, which a
+    subclass defines (started from the prototypes); ``score`` gives its logits, while the open-set test
+    still uses the prototype distances. Any enrollment change refits (``add`` returns False); the head is
+    the state the store keeps."""
+
+    persistent = True
+
+    @abstractmethod
+    def fit_head(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The head for shot embeddings x (n, D) of classes y (n,), with ``self.prototypes`` set."""
+
+    def fit(self, shots: Shots, state: Mapping[str, np.ndarray] | None = None) -> None:
+        super().fit(shots)
+        if state is not None:
+            self.weight, self.bias = state["weight"], state["bias"]
+        else:
+            self.weight, self.bias = self.fit_head(shots.embeddings.reshape(-1, self.embedding.size), shots.targets)
+
+    def add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray) -> bool:
+        return False
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"weight": self.weight, "bias": self.bias}
+
+    def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        _, nearest, shots = super().score(queries)
+        return queries.astype(np.float64) @ self.weight.T + self.bias, nearest, shots
+
+
 @register
-class FinetuneAdapter(PrototypeAdapter):
+class FinetuneAdapter(HeadAdapter):
     """A linear head fine-tuned on the stored shot embeddings (``finetune.finetune_head``): started from
     the prototypes and stepped with the schedule learned in meta-training (manifest parameters
     ``steps``, ``lr_weight``, ``lr_bias``, ``l2``). Option ``steps`` runs more (or fewer) steps than
-    trained, repeating the last step size. The open-set test still uses the prototype distances.
-
-    Any enrollment change refits (``add`` returns False); the head is the state the store keeps.
-    """
+    trained, repeating the last step size."""
 
     name = "finetune"
     options = ("steps",)
-    persistent = True
 
     def __init__(self, bundle: Bundle, encoder: Engine, overrides: Mapping[str, Any] | None = None) -> None:
         super().__init__(bundle, encoder, overrides)
@@ -252,22 +278,5 @@ class FinetuneAdapter(PrototypeAdapter):
             raise FewShotInputError(f"bundle's fine-tune parameters are unusable: {exc}") from None
         self.l2 = float(self.params.get("l2", 0.0))
 
-    def fit(self, shots: Shots, state: Mapping[str, np.ndarray] | None = None) -> None:
-        super().fit(shots)
-        if state is not None:
-            self.weight, self.bias = state["weight"], state["bias"]
-        else:
-            x = shots.embeddings.reshape(-1, self.embedding.size)
-            self.weight, self.bias = finetune_head(
-                x, shots.targets, self.prototypes, self.lr_weight, self.lr_bias, self.l2
-            )
-
-    def add(self, label: str, embeddings: np.ndarray, pixels: np.ndarray) -> bool:
-        return False
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {"weight": self.weight, "bias": self.bias}
-
-    def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        _, nearest, shots = super().score(queries)
-        return queries.astype(np.float64) @ self.weight.T + self.bias, nearest, shots
+    def fit_head(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return finetune_head(x, y, self.prototypes, self.lr_weight, self.lr_bias, self.l2)

@@ -56,8 +56,19 @@ def finetune_head(
         return w, b
     onehot = np.eye(len(w0))[y]
     for lr_w, lr_b in zip(lr_weight, lr_bias, strict=True):
-        logits = x @ w.T + b
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        g = (p / p.sum(1, keepdims=True) - onehot) * (len(w0) / len(x))
-        w, b = w - lr_w * (g.T @ x + l2 * (w - w0)), b - lr_b * (g.sum(0) + l2 * (b - b0))
+        gw, gb, _ = support_gradient(x, onehot, w, b)
+        w, b = w - lr_w * (gw + l2 * (w - w0)), b - lr_b * (gb + l2 * (b - b0))
     return w, b
+
+
+def support_gradient(
+    x: np.ndarray, onehot: np.ndarray, w: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The gradient (dW (C, D), db (C,)) and the value of C times the mean softmax cross-entropy of the head
+    (w, b) on embeddings x (n, D), n >= 1, with one-hot targets (n, C): ``anil.support_loss`` in numpy."""
+    logits = x @ w.T + b
+    z = logits - logits.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    scale = len(w) / len(x)
+    g = (np.exp(log_p) - onehot) * scale
+    return g.T @ x, g.sum(0), float(-scale * (onehot * log_p).sum())

@@ -12,6 +12,7 @@ from .base import METHODS, FewShotMethod, MethodOption, register_method
 from .film import FiLMProtoNet
 from .mann import MANN
 from .matching import MatchingNet
+from .metalstm import MetaLSTM
 from .protonet import ProtoNet
 from .relation import RelationNet
 from .transformer import SetTransformer
@@ -31,6 +32,7 @@ __all__ = [
     "FiLMProtoNet",
     "MANN",
     "MatchingNet",
+    "MetaLSTM",
     "MethodOption",
     "ProtoNet",
     "RelationNet",

@@ -40,10 +40,15 @@ def head_logits(head: Head, x: torch.Tensor) -> torch.Tensor:
     return x @ head["weight"].T + head["bias"]
 
 
+def support_loss(head: Head, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of the head on (x, y), mean times the number of classes."""
+    return len(head["bias"]) * F.cross_entropy(head_logits(head, x), y)
+
+
 def inner_loss(head: Head, start: Head, x: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
-    """Softmax cross-entropy of the head on (x, y), mean times the number of classes, plus l2/2 * |head - start|^2."""
+    """``support_loss`` plus l2/2 * |head - start|^2."""
     penalty = sum((head[k] - start[k]).pow(2).sum() for k in head)
-    return len(head["bias"]) * F.cross_entropy(head_logits(head, x), y) + 0.5 * l2 * penalty
+    return support_loss(head, x, y) + 0.5 * l2 * penalty
 
 
 def adapt_head(
@@ -67,8 +72,30 @@ def adapt_head(
     return head
 
 
+class HeadMethod(FewShotMethod):
+    """A method that adapts a linear head started from the support's prototypes (``adapt``) and scores the
+    queries with it; ANIL's and the meta-learner LSTM's heads differ only in their update rule."""
+
+    def adapt(self, start: Head, x: torch.Tensor, y: torch.Tensor) -> Head:
+        """The head after the method's inner loop from ``start`` on support embeddings x with labels y."""
+        raise NotImplementedError
+
+    def adapted_head(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> Head:
+        """The head after the inner loop on support embeddings (float32, outside autocast)."""
+        with torch.autocast(support.device.type, enabled=False):
+            return self.adapt(prototype_head(prototypes(support, support_labels, n_way)), support, support_labels)
+
+    def logits(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
+    ) -> torch.Tensor:
+        emb = self.embed(torch.cat([support, query])).float()
+        head = self.adapted_head(emb[: len(support)], support_labels, n_way)
+        with torch.autocast(query.device.type, enabled=False):
+            return head_logits(head, emb[len(support) :])
+
+
 @register_method
-class ANIL(FewShotMethod):
+class ANIL(HeadMethod):
     """ANIL / Proto-MAML: a linear head started from the prototypes, fine-tuned by a few learned steps."""
 
     name = "anil"
@@ -112,21 +139,8 @@ class ANIL(FewShotMethod):
         )
         self.lr_bias = nn.Parameter(torch.full((inner_steps,), float(step_size)), requires_grad=learn_step_sizes)
 
-    def adapted_head(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> Head:
-        """The head after the inner loop on support embeddings (float32, outside autocast)."""
-        with torch.autocast(support.device.type, enabled=False):
-            start = prototype_head(prototypes(support, support_labels, n_way))
-            return adapt_head(
-                start, support, support_labels, self.lr_weight, self.lr_bias, self.inner_l2, self.first_order
-            )
-
-    def logits(
-        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
-    ) -> torch.Tensor:
-        emb = self.embed(torch.cat([support, query])).float()
-        head = self.adapted_head(emb[: len(support)], support_labels, n_way)
-        with torch.autocast(query.device.type, enabled=False):
-            return head_logits(head, emb[len(support) :])
+    def adapt(self, start: Head, x: torch.Tensor, y: torch.Tensor) -> Head:
+        return adapt_head(start, x, y, self.lr_weight, self.lr_bias, self.inner_l2, self.first_order)
 
     def export_info(self) -> dict[str, Any]:
         finetune = {
