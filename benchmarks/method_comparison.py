@@ -35,6 +35,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "protonet": {},
     "film": {},
     "anil": {"inner_steps": 5, "step_size": 0.001},
+    "metalstm": {"inner_steps": 5, "step_size": 0.001},
     "matching": {},
     "relation": {},
     "mann": {"label_delay": False},  # with the paper's delay it stays at chance in short runs (docs/results.md)
