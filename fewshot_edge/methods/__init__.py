@@ -10,9 +10,11 @@ from fewshot_edge.runtime.errors import FewShotInputError
 from .anil import ANIL
 from .base import METHODS, FewShotMethod, MethodOption, register_method
 from .film import FiLMProtoNet
+from .maml import MAML
 from .mann import MANN
 from .matching import MatchingNet
 from .metalstm import MetaLSTM
+from .metasgd import MetaSGD
 from .protonet import ProtoNet
 from .relation import RelationNet
 from .transformer import SetTransformer
@@ -30,9 +32,11 @@ __all__ = [
     "METHODS",
     "FewShotMethod",
     "FiLMProtoNet",
+    "MAML",
     "MANN",
     "MatchingNet",
     "MetaLSTM",
+    "MetaSGD",
     "MethodOption",
     "ProtoNet",
     "RelationNet",
