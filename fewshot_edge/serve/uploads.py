@@ -94,7 +94,9 @@ def _decode(name: str, data: bytes, limits: Limits) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as header:
             width, height = header.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise ApiError(413, f"image {name} is over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ApiError(400, f"not a readable image: {name} ({exc.__class__.__name__})") from None
     if width * height > limits.max_image_pixels:
         raise ApiError(
