@@ -1,7 +1,9 @@
 """The training loop, top to bottom: config -> data -> method -> steps -> checkpoints and metrics.
 
 A step is an episode (the episodic stage) or a batch of augmented images classified over every training
-class (the pretrain stage, ``fewshot_edge.pretrain``); both validate on held-out episodes.
+class (the pretrain stage, ``fewshot_edge.pretrain``); both validate on held-out episodes. Under torchrun
+a step is one episode (or batch) per rank with the gradients averaged (``fewshot_edge.distributed``);
+rank 0 validates, writes the files and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fewshot_edge.checkpoint import build_method, read_checkpoint, save_checkpoi
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.data.dataset import FewShotDataset
 from fewshot_edge.data.splits import load_splits
+from fewshot_edge.distributed import World, launch, rank_seed
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.evaluate import EvalResult, evaluate_sampler
 from fewshot_edge.methods import FewShotMethod
@@ -117,11 +120,12 @@ class Checkpoints:
         elapsed: float,
         method: FewShotMethod,
         optimizer: torch.optim.Optimizer,
-        sampler: Sampler,
+        generators: list[torch.Tensor],
         objective: torch.nn.Module,
     ) -> None:
         """Add ``result`` to the history, save best.pt when it is the best so far, and always last.pt
-        (with the objective's own state when it holds more than the method, e.g. a classifier head)."""
+        (with the objective's own state when it holds more than the method, e.g. a classifier head, and
+        every rank's sampler state, ``generator`` being rank 0's)."""
         self.history.append({"episode": episode, "elapsed_s": round(elapsed, 1), **result.to_dict()})
         if result.accuracy > self.best["accuracy"]:
             self.best.update(result.to_dict(), episode=episode)
@@ -134,7 +138,8 @@ class Checkpoints:
             episode=episode,
             elapsed=elapsed,
             optimizer=optimizer.state_dict(),
-            generator=sampler.generator.get_state(),
+            generator=generators[0],
+            generators=generators,
             history=self.history,
             best=self.best,
             **({"objective": objective.state_dict()} if objective is not method else {}),
@@ -148,14 +153,16 @@ def validate(method: FewShotMethod, val_data: FewShotDataset, config: TrainConfi
 
 
 def stage(
-    config: TrainConfig, method: FewShotMethod, train_data: FewShotDataset, device: torch.device
+    config: TrainConfig, method: FewShotMethod, train_data: FewShotDataset, device: torch.device, rank: int = 0
 ) -> tuple[torch.nn.Module, Sampler, torch.optim.Optimizer]:
     """What a step trains, what it draws and how it steps: the method on episodes with Adam, or in the
-    pretrain stage a linear classifier over the training classes on augmented batches with SGD."""
+    pretrain stage a linear classifier over the training classes on augmented batches with SGD. Each
+    rank's sampler is seeded ``config.seed + rank``, so ranks draw different episodes."""
     fused = device.type == "cuda"
+    seed = rank_seed(config.seed, rank, 0)
     if config.stage == "pretrain":
         objective = Classifier(method, train_data.num_classes).to(device)
-        sampler = BatchSampler(train_data, config.batch_size, config.seed, device, config.augment)
+        sampler = BatchSampler(train_data, config.batch_size, seed, device, config.augment)
         return (
             objective,
             sampler,
@@ -163,7 +170,7 @@ def stage(
                 objective.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
             ),
         )
-    sampler = EpisodeSampler(train_data, config.n_way, config.k_shot, config.q_query, config.seed, device)
+    sampler = EpisodeSampler(train_data, config.n_way, config.k_shot, config.q_query, seed, device)
     return (
         method,
         sampler,
@@ -174,10 +181,17 @@ def stage(
 def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: bool | None = None) -> dict[str, Any]:
     """Meta-train ``config.method``; writes config.json, last.pt, best.pt and metrics.json to ``config.out``.
 
-    Stops after ``config.episodes`` episodes or ``config.time_limit`` minutes, whichever comes first;
-    the learning-rate schedule follows whichever of the two is further along.
+    Stops after ``config.episodes`` steps or ``config.time_limit`` minutes, whichever comes first;
+    the learning-rate schedule follows whichever of the two is further along. A step is one episode, or
+    one per rank under torchrun (``fewshot_edge.distributed``), where only rank 0 writes files and the
+    other ranks return their metrics without ``best`` and ``history``.
     """
-    device = resolve_device(config.device)
+    with launch(resolve_device(config.device)) as world:
+        return _train(config, world, resume, progress_bar)
+
+
+def _train(config: TrainConfig, world: World, resume: str | Path | None, progress_bar: bool | None) -> dict[str, Any]:
+    device = world.device
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -186,50 +200,67 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
     method = build_method(config, train_data.spec, initialize=resume is None).to(
         device, memory_format=torch.channels_last
     )
+    if world.rank:  # the same weights on every rank, its own draws in a method's loss (e.g. label slots)
+        torch.manual_seed(config.seed + world.rank)
     out = Path(config.out)  # written only once the data and the method are known to be good
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "config.json")
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out / "config.json")
     if config.compile:  # in place, so checkpoint keys stay the same; CUDA graphs cut launch overhead
         method.backbone.compile(mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
-    objective, sampler, optimizer = stage(config, method, train_data, device)
+    objective, sampler, optimizer = stage(config, method, train_data, device, world.rank)
     checkpoints = Checkpoints(out, config, train_data.spec)
     start_episode, elapsed_before = 0, 0.0
     if resume is not None:
         payload = read_checkpoint(resume, device)
         objective.load_state_dict(payload.get("objective", payload["state"]))
         optimizer.load_state_dict(payload["optimizer"])
-        sampler.generator.set_state(payload["generator"].cpu())
         start_episode, elapsed_before = int(payload["episode"]), float(payload["elapsed"])
+        world.restore_sampler(
+            sampler.generator, payload.get("generators", [payload["generator"]]), config.seed, start_episode
+        )
         checkpoints.history, checkpoints.best = payload["history"], payload["best"]
 
+    def record(episode: int, elapsed: float) -> EvalResult | None:
+        """Every rank's sampler state to rank 0 (all ranks call this), which validates and records the
+        result; the other ranks return None."""
+        generators = world.gather_states(sampler.generator)
+        if not world.main:
+            return None
+        result = validate(method, val_data, config, device)
+        checkpoints.record(result, episode, elapsed, method, optimizer, generators, objective)
+        return result
+
+    step = world.wrap(objective)
     amp = config.amp and autocast_enabled(device)
     limit_s = config.time_limit * 60 if config.time_limit else math.inf
-    show = sys.stderr.isatty() if progress_bar is None else progress_bar
+    show = world.main and (sys.stderr.isatty() if progress_bar is None else progress_bar)
     bar = tqdm(total=config.episodes, initial=start_episode, disable=not show, dynamic_ncols=True)
     objective.train()
     t0 = time.perf_counter() - elapsed_before
     meter = Meter(device)
     episode = start_episode
+    elapsed = elapsed_before
     val_result: EvalResult | None = None
     while episode < config.episodes:
-        elapsed = time.perf_counter() - t0
+        if not world.grouped or (math.isfinite(limit_s) and episode % LOG_EVERY == 0):
+            elapsed = world.agree(time.perf_counter() - t0)  # ranks agree on the schedule and when to stop
         if elapsed >= limit_s:
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, max(episode / config.episodes, elapsed / limit_s))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, acc = objective.loss(sampler.sample())
+            loss, acc = step(sampler.sample())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         meter.add(loss, acc)
         episode += 1
-        if meter.window == LOG_EVERY or episode == config.episodes:
+        if world.main and (meter.window == LOG_EVERY or episode == config.episodes):
             meter.report(bar, episode, val_result)
         if episode % config.val_every == 0:
             v0 = time.perf_counter()
-            val_result = validate(method, val_data, config, device)
-            checkpoints.record(val_result, episode, v0 - t0, method, optimizer, sampler, objective)
+            val_result = record(episode, v0 - t0)
             meter.validated(time.perf_counter() - v0)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -238,21 +269,23 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress_bar: b
     bar.close()
 
     elapsed = loop_end - t0
-    history = checkpoints.history
-    if not history or history[-1]["episode"] != episode:
-        checkpoints.record(
-            validate(method, val_data, config, device), episode, elapsed, method, optimizer, sampler, objective
-        )
+    # the last step was validated in the loop, or a resumed run took no step: its history ends there
+    if episode % config.val_every if episode > start_episode else resume is None:
+        record(episode, elapsed)
+    drawn = (episode - start_episode) * world.size  # episodes (or batches) drawn by all ranks
+    steady = meter.steady_rate(episode, loop_end) if world.main else None
     metrics = {
         "episodes": episode,
+        "ranks": world.size,
         "elapsed_s": round(elapsed, 3),
-        "episodes_per_s": round((episode - start_episode) / max(elapsed - elapsed_before, 1e-9), 2),
-        "steady_episodes_per_s": meter.steady_rate(episode, loop_end),
+        "episodes_per_s": round(drawn / max(elapsed - elapsed_before, 1e-9), 2),
+        "steady_episodes_per_s": None if steady is None else round(steady * world.size, 2),
         "device": str(device),
-        "best": checkpoints.best,
-        "history": history,
         "train_classes": train_data.num_classes,
         "val_classes": val_data.num_classes,
     }
+    if not world.main:
+        return metrics
+    metrics = {**metrics, "best": checkpoints.best, "history": checkpoints.history}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -372,12 +372,15 @@ def train(
             out=out,
         )
     metrics = run_training(config, resume=resume)
+    if "best" not in metrics:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     best = metrics["best"]
     if as_json:
         emit_json(metrics)
         return
+    steps = f" steps x {metrics['ranks']} ranks" if metrics["ranks"] > 1 else " episodes"
     click.echo(
-        f"trained {metrics['episodes']} episodes in {metrics['elapsed_s']} s "
+        f"trained {metrics['episodes']}{steps} in {metrics['elapsed_s']} s "
         f"({metrics['episodes_per_s']} episodes/s on {metrics['device']})"
     )
     click.echo(

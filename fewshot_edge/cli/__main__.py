@@ -1,0 +1,5 @@
+"""``python -m fewshot_edge.cli``: the ``fewshot-edge`` command, e.g. for ``torchrun -m fewshot_edge.cli train``."""
+
+from fewshot_edge.cli import main
+
+main(prog_name="fewshot-edge")
