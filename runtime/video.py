@@ -129,7 +129,7 @@ class VideoWatch:
     is also written there with the latest smoothed label drawn on it. ``frames_read`` counts the frames
     read so far. Close it (or use ``with``) to release the source and the output.
 
-    Frames skipped by ``every`` are only grabbed, not decoded, unless they are written to ``out``."""
+    Frames skipped by ``every`` are only grabbed (not converted or copied out) unless written to ``out``."""
 
     def __init__(
         self,
