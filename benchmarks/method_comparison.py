@@ -40,6 +40,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "relation": {},
     "mann": {"label_delay": False},  # with the paper's delay it stays at chance in short runs (docs/results.md)
     "transformer": {},
+    "versa": {},
 }
 
 

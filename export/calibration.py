@@ -30,6 +30,7 @@ from fewshot_edge.runtime.bundle import OPEN_SET_BY_SHOTS
 from fewshot_edge.runtime.errors import FewShotInputError
 from fewshot_edge.runtime.preprocess import normalize
 from fewshot_edge.runtime.store import Shots
+from fewshot_edge.runtime.uncertainty import log_predictive
 
 EpisodeEmbedder = Callable[
     [np.ndarray, int], np.ndarray
@@ -41,10 +42,10 @@ _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of ``labels`` under softmax(logits / temperature)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), labels]))
+    """Mean negative log-likelihood of ``labels`` under softmax(logits / temperature); for sampled
+    logits (N, L, C) (the bayes mode's) under the mean of the L softmaxes, as the device predicts."""
+    log_p = log_predictive(logits, temperature)[0]
+    return float(-np.mean(log_p[np.arange(len(log_p)), labels]))
 
 
 def fit_temperature(

@@ -21,6 +21,7 @@ from .preprocess import Frame, ImageLike, InputSpec, normalize, preprocess, sour
 from .pretrained import resolve_bundle
 from .signing import TrustedKeys
 from .store import RESERVED_LABEL, EnrollmentStore, NewShots, store_path, validate_label
+from .uncertainty import predictive
 
 Images = ImageLike | Sequence[ImageLike]
 T = TypeVar("T")
@@ -30,12 +31,17 @@ T = TypeVar("T")
 class Prediction:
     """One query's answer. ``label`` is "unknown" when the nearest distance exceeds the calibrated
     threshold for the nearest class's number of shots; ``probability`` and ``top_k`` always describe
-    the enrolled classes."""
+    the enrolled classes. ``entropy`` is the predictive entropy of the calibrated class distribution in
+    nats (0 = certain, log C = uniform over C classes); ``epistemic`` is the part of it due to the
+    mode's uncertainty about the model (mutual information; ``uncertainty.predictive``), None for a
+    mode with one model (every mode but ``bayes``)."""
 
     label: str
     probability: float
     distance: float
     top_k: list[tuple[str, float]]
+    entropy: float | None = None
+    epistemic: float | None = None
 
 
 class _ReadWriteLock:
@@ -246,16 +252,18 @@ class FewShotModel:
         """The most likely class per image, "unknown" beyond the open-set threshold, and the top k."""
         if top_k < 1:
             raise FewShotInputError(f"top_k must be at least 1, got {top_k}")
-        probabilities, nearest, shots = self._score(images)
+        probabilities, nearest, shots, entropy, epistemic = self._score(images)
         labels = self.adapter.labels
         counts, inverse = np.unique(shots, return_inverse=True)
         limits = np.array([self._calibration.open_set.threshold_for(int(k)) for k in counts], dtype=np.float64)
         unknowns = nearest > limits[inverse]  # a None threshold is NaN: never exceeded
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         predictions = []
-        for p, ranked, distance, unknown in zip(probabilities, order, nearest, unknowns, strict=True):
+        mutual = [None] * len(probabilities) if epistemic is None else epistemic.tolist()
+        for i, (p, ranked, unknown) in enumerate(zip(probabilities, order, unknowns, strict=True)):
             top = [(labels[j], float(p[j])) for j in ranked]
-            predictions.append(Prediction(RESERVED_LABEL if unknown else top[0][0], top[0][1], float(distance), top))
+            label = RESERVED_LABEL if unknown else top[0][0]
+            predictions.append(Prediction(label, top[0][1], float(nearest[i]), top, float(entropy[i]), mutual[i]))
         return predictions
 
     def refit(self) -> None:
@@ -298,23 +306,25 @@ class FewShotModel:
                 self.store.save_state(adapter.state_key, shots.version, adapter.state())
             self._fitted_version = shots.version
 
-    def _score(self, images: Images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Probabilities (N, C), nearest-prototype distances (N,) and the nearest classes' shot counts (N,).
+    def _score(self, images: Images) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Probabilities (N, C), nearest-prototype distances (N,), the nearest classes' shot counts (N,),
+        the predictive entropy (N,) and its epistemic part (N,) or None (``uncertainty.predictive``).
         The logits are divided by the mode's own calibrated temperature when its parameters hold one
         (a fine-tuned head's logits are sharper than the prototypes'), else by the bundle's."""
         batch = preprocess(_as_list(images), self.spec)
         return self._fitted(lambda: self._score_fitted(batch))
 
-    def _score_fitted(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _score_fitted(
+        self, batch: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         if not self.adapter.labels:
             raise FewShotInputError("no classes enrolled; enroll some before predicting")
         with self._engine_lock:
             queries = self.adapter.embed(batch)
         logits, nearest, shots = self.adapter.score(queries)
-        logits = logits / float(self.adapter.params.get("temperature", self._calibration.temperature))
-        logits -= logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits)
-        return exp / exp.sum(axis=1, keepdims=True), nearest, shots
+        temperature = float(self.adapter.params.get("temperature", self._calibration.temperature))
+        probabilities, entropy, epistemic = predictive(logits, temperature)
+        return probabilities, nearest, shots, entropy, epistemic
 
 
 def _pixels_of(image: ImageLike, index: int, label: str, spec: InputSpec) -> np.ndarray:

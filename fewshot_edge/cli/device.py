@@ -210,8 +210,9 @@ def predict(
     """Classify images (files, or folders of images) among the enrolled classes.
 
     \b
-    Prints the label, its probability and the distance to the nearest class prototype; the label is
-    "unknown" when that distance is beyond the bundle's open-set threshold for that class's number of shots.
+    Prints the label, its probability, the distance to the nearest class prototype and the predictive
+    entropy H in nats (with its epistemic part for the bayes mode); the label is "unknown" when that
+    distance is beyond the bundle's open-set threshold for that class's number of shots.
       fewshot-edge predict --store device.db photo.png --top-k 3
     """
     if top_k < 1:
@@ -238,6 +239,8 @@ def predict(
                     "distance": p.distance,
                     "unknown": p.label != p.top_k[0][0],
                     "top_k": [{"label": k, "probability": v} for k, v in p.top_k],
+                    "entropy": p.entropy,
+                    "epistemic": p.epistemic,
                 }
                 for f, p in zip(files, predictions, strict=True)
             ]
@@ -247,6 +250,7 @@ def predict(
     label_width = max(len(p.label) for p in predictions)
     for f, p in zip(files, predictions, strict=True):
         line = f"{str(f):<{name_width}}  {p.label:<{label_width}}  p={p.probability:.3f}  d={p.distance:.4g}"
+        line += f"  H={p.entropy:.3f}" + (f" (epistemic {p.epistemic:.3f})" if p.epistemic is not None else "")
         if p.label != p.top_k[0][0]:
             line += f"  (nearest: {p.top_k[0][0]})"
         if top_k > 1:
