@@ -1,6 +1,7 @@
 """Device runtime: numpy + onnxruntime + Pillow, never torch."""
 
 from .adapters import ADAPTERS, Adapter, register
+from .bayes import BayesAdapter
 from .bundle import Adaptation, Bundle, Calibration, EmbeddingSpec, Manifest, OpenSet, open_bundle, write_bundle
 from .engine import ContextEngine, Engine
 from .errors import FewShotInputError
@@ -16,6 +17,7 @@ __all__ = [
     "ADAPTERS",
     "Adaptation",
     "Adapter",
+    "BayesAdapter",
     "Bundle",
     "Calibration",
     "ContextEngine",

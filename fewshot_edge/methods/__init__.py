@@ -18,6 +18,7 @@ from .metasgd import MetaSGD
 from .protonet import ProtoNet
 from .relation import RelationNet
 from .transformer import SetTransformer
+from .versa import Versa
 
 
 def create_method(name: str, backbone: Backbone, **options: Any) -> FewShotMethod:
@@ -41,6 +42,7 @@ __all__ = [
     "ProtoNet",
     "RelationNet",
     "SetTransformer",
+    "Versa",
     "create_method",
     "register_method",
 ]
