@@ -36,6 +36,8 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "film": {},
     "anil": {"inner_steps": 5, "step_size": 0.001},
     "metalstm": {"inner_steps": 5, "step_size": 0.001},
+    "maml": {"inner_steps": 5, "step_size": 0.01},
+    "metasgd": {"inner_steps": 5, "step_size": 0.01},
     "matching": {},
     "relation": {},
     "mann": {"label_delay": False},  # with the paper's delay it stays at chance in short runs (docs/results.md)
