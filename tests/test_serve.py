@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -291,7 +292,7 @@ def test_an_unexpected_error_is_a_500_without_a_traceback(monkeypatch):
     from fewshot_edge.serve import create_app
 
     with FewShotModel.open(default_bundle()) as model:
-        app = create_app(model)
+        app = create_app(model, hosts=None)  # the test client's Host is "testserver"
 
         def broken() -> list[tuple[str, int]]:
             raise RuntimeError("secret detail\nline two")
@@ -300,3 +301,22 @@ def test_an_unexpected_error_is_a_500_without_a_traceback(monkeypatch):
         response = TestClient(app, raise_server_exceptions=False).get("/classes")
     assert_error(response, 500, "RuntimeError")
     assert "secret" not in response.text
+
+
+def test_foreign_hosts_and_cross_origin_writes_are_refused(client):
+    """A page elsewhere cannot drive the loopback service: not by rebinding its name to 127.0.0.1 (the
+    Host header), nor by a cross-origin form POST from the operator's browser (the Origin header)."""
+    shot = files(drawing("alpha", 0))
+    assert_error(client.get("/classes", headers={"Host": "evil.example:8000"}), 400, "evil.example")
+    foreign = {"Origin": "http://evil.example"}
+    assert_error(client.post("/classes", data={"label": "alpha"}, files=shot, headers=foreign), 403, "cross-origin")
+    assert_error(client.delete("/classes/alpha", headers=foreign), 403)
+    assert client.get("/classes", headers=foreign).status_code == 200  # reads: the browser keeps the answer from it
+    same = {"Origin": str(client.base_url).rstrip("/")}
+    assert client.post("/classes", data={"label": "alpha"}, files=shot, headers=same).status_code == 201
+
+
+def test_serve_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # an import of it fails
+    result = CliRunner().invoke(main, ["serve", "--store", str(tmp_path / "s.db")])
+    assert result.exit_code == 1 and "pip install 'fewshot-edge[serve]'" in result.output, result.output

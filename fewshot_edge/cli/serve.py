@@ -89,11 +89,11 @@ def serve(
     require_modules("fastapi", "uvicorn", "python_multipart", extra="serve")
     import uvicorn
 
-    from fewshot_edge.serve import Limits, create_app
+    from fewshot_edge.serve import LOOPBACK_HOSTS, Limits, create_app
 
     limits = Limits(int(max_request_mb * 1024 * 1024), max_images, max_image_pixels)
     with open_model(bundle, store, reembed, create=True, engine=engine) as model:
-        app = create_app(model, engine["precision"], api_key, limits)
+        app = create_app(model, engine["precision"], api_key, limits, LOOPBACK_HOSTS if is_loopback(host) else None)
         scheme = "https" if ssl_certfile else "http"
         shown = f"[{host}]" if ":" in host else host
         click.echo(

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hmac
 import io
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -36,6 +37,7 @@ from fewshot_edge.runtime.store import normalize_label
 from .uploads import ApiError, Limits, Upload, decode_all, read_json, read_upload
 
 API_KEY_HEADER = "X-API-Key"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 STATIC = resources.files(__package__ or "fewshot_edge.serve") / "static"
 
 # The request bodies the image endpoints read themselves (multipart or JSON), for the OpenAPI schema.
@@ -63,9 +65,14 @@ def create_app(
     precision: str = "fp32",
     api_key: str | None = None,
     limits: Limits | None = None,
+    hosts: Sequence[str] | None = LOOPBACK_HOSTS,
 ) -> FastAPI:
     """The service over ``model`` (opened by the caller, who closes it). With ``api_key``, every
-    endpoint but ``/health``, the page and the OpenAPI schema needs it in the ``X-API-Key`` header."""
+    endpoint but ``/health``, the page and the OpenAPI schema needs it in the ``X-API-Key`` header.
+
+    Requests must name one of ``hosts`` in their Host header (None = any: for a service bound beyond
+    loopback), so a web page cannot reach a loopback service by rebinding its own name to 127.0.0.1;
+    a browser's cross-origin POST, PATCH or DELETE (an Origin that is not the Host) is refused (403)."""
     limits = limits or Limits()
     service = _Service(model, precision, limits)
     app = FastAPI(
@@ -76,6 +83,7 @@ def create_app(
         redoc_url=None,
     )
     app.add_middleware(_BodyLimit, max_bytes=limits.max_request_bytes)
+    app.add_middleware(_SameOrigin, hosts=hosts)
     _add_error_handlers(app)
     api = APIRouter(dependencies=[Depends(_key_check(api_key))])
 
@@ -386,3 +394,34 @@ class _BodyLimit:
             )
         response.headers["Connection"] = "close"
         await response(scope, receive, send)
+
+
+class _SameOrigin:
+    """Refuses a Host header outside ``hosts`` (400; None = any) and a cross-origin POST, PATCH, PUT or
+    DELETE from a browser (403: its Origin names another host and port than the request's Host)."""
+
+    def __init__(self, app: ASGIApp, hosts: Sequence[str] | None) -> None:
+        self.app = app
+        self.hosts = None if hosts is None else {h.lower() for h in hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            host = headers.get("host", "")
+            origin = headers.get("origin")
+            refusal = None
+            if self.hosts is not None and (_hostname(host) or "") not in self.hosts:
+                refusal = _error(400, f"Host {host!r} is not served here (a loopback service answers loopback names)")
+            elif scope["method"] not in ("GET", "HEAD", "OPTIONS") and origin and urlsplit(origin).netloc != host:
+                refusal = _error(403, f"cross-origin {scope['method']} from {origin} refused")
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _hostname(host: str) -> str | None:
+    try:
+        return urlsplit(f"//{host}").hostname
+    except ValueError:
+        return None
