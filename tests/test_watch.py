@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from runtime_support import BLOCK_TORCH
 
 from fewshot_edge import glyphs
 from fewshot_edge.cli import main
@@ -212,10 +213,11 @@ def test_an_empty_store_and_a_missing_opencv_are_refused(glyph_video, tmp_path, 
 
 
 def test_ctrl_c_ends_cleanly_with_a_summary(glyph_video, tmp_path):
-    """A long video watched in a process of its own; SIGINT once it streams: exit 0, the summary on stderr."""
+    """A long video watched in a process of its own, where torch cannot be imported (watch is device-side);
+    SIGINT once it streams: exit 0, the summary on stderr."""
     frame = glyphs.on_camera(glyphs.draw(1, size=48), 0, 64)
     video = write_video(tmp_path / "long.avi", [frame] * 3000)
-    command = "from fewshot_edge.cli import main; main()"
+    command = BLOCK_TORCH + "from fewshot_edge.cli import main\nmain()\n"
     args = ["watch", "--store", str(glyph_video["store"]), str(video), "--json"]
     process = subprocess.Popen(
         [sys.executable, "-c", command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
