@@ -320,3 +320,21 @@ def test_serve_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # an import of it fails
     result = CliRunner().invoke(main, ["serve", "--store", str(tmp_path / "s.db")])
     assert result.exit_code == 1 and "pip install 'fewshot-edge[serve]'" in result.output, result.output
+
+
+def test_a_colour_bundle_enrolls_and_shows_its_rgb_thumbnail():
+    """The photo bundle (84x84 RGB, no inversion) through the app in process: the thumbnail is the
+    shot exactly as the model keeps it."""
+    from fastapi.testclient import TestClient
+
+    from fewshot_edge.serve import create_app
+
+    rng = np.random.default_rng(0)
+    photos = [png(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)) for _ in range(2)]
+    with FewShotModel.open("mini-conv4") as model:
+        client = TestClient(create_app(model, hosts=None))
+        assert client.post("/classes", data={"label": "noise"}, files=files(*photos)).status_code == 201
+        assert client.get("/info").json()["input"] == {"channels": 3, "height": 84, "width": 84}
+        thumb = np.asarray(Image.open(io.BytesIO(client.get("/classes/noise/thumbnail").content)))
+        expected = to_pixels(Image.open(io.BytesIO(photos[0])), model.spec).transpose(1, 2, 0)
+    np.testing.assert_array_equal(thumb, expected)
