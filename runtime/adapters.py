@@ -88,8 +88,9 @@ class Adapter(ABC):
 
     @abstractmethod
     def score(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Logits (N, C) before temperature, each query's nearest-prototype distance (N,) and the
-        number of shots of that nearest class (N,) int."""
+        """Logits (N, C) before temperature (or (N, L, C), L sampled models' logits, for a mode with a
+        distribution over models: ``uncertainty.predictive``), each query's nearest-prototype distance
+        (N,) and the number of shots of that nearest class (N,) int."""
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}
