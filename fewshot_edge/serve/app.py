@@ -11,6 +11,7 @@ enrolling one label get one 201 and one 409.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import io
 import threading
@@ -184,11 +185,7 @@ class _Service:
             "store": model.store.name,
             "classes": len(model.classes()),
             "auth": auth,
-            "limits": {
-                "max_request_bytes": self.limits.max_request_bytes,
-                "max_images": self.limits.max_images,
-                "max_image_pixels": self.limits.max_image_pixels,
-            },
+            "limits": dataclasses.asdict(self.limits),
         }
 
     def enrolled(self, label: str) -> str:
