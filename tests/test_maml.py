@@ -154,6 +154,10 @@ def test_cli_train_export_enroll_predict_equals_pytorch_head_only(omniglot_small
         ["-O", "first_order=true"] if method == "maml" else []
     )
     run(*train_args(omniglot_small1, tmp_path / "run", method, *options))
+    evaluated = json.loads(
+        run("eval", tmp_path / "run" / "last.pt", "--shot", "1", "--query", "2", "--episodes", "2", "--json").output
+    )
+    assert evaluated["episodes"] == 2 and 0 <= evaluated["accuracy"] <= 1
     run("export", tmp_path / "run" / "last.pt", "--out", tmp_path / "bundle", "--calibration-episodes", "20")
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     finetune = manifest["adaptation"]["modes"]["finetune"]
@@ -182,3 +186,10 @@ def test_cli_train_export_enroll_predict_equals_pytorch_head_only(omniglot_small
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
     assert [a["top_k"][0]["label"] for a in answers] == [f"char{c}" for c in expected.argmax(1)]
     assert labels == [f"char{c}" for c in range(4)]
+
+
+def test_bad_test_adapt_is_a_one_line_error(omniglot_small1, tmp_path):
+    args = ["train", "--source", omniglot_small1, "--holdout", "1", "--method", "metasgd", "-O", "test_adapt=all"]
+    result = run(*args, "--out", tmp_path / "o", ok=False)
+    assert result.exit_code == 2 and result.output.strip() == "Error: test_adapt must be one of full, head, got 'all'"
+    assert not (tmp_path / "o").exists()
