@@ -182,6 +182,7 @@ BAD_WATCHES = {
     "a folder": (lambda e: [e["tmp"]], "not a video file"),
     "not a video": (lambda e: [e["tmp"] / "notes.avi"], "OpenCV cannot open video file"),
     "camera absent": (lambda e: ["97"], "OpenCV cannot open camera 97"),
+    "stream refused": (lambda e: ["rtsp://127.0.0.1:9/none"], "OpenCV cannot open stream rtsp://127.0.0.1:9/none"),
     "no gstreamer": (lambda e: ["videotestsrc num-buffers=3 ! appsink"], gstreamer_refusal()),
     "every 0": (lambda e: [e["video"], "--every", "0"], "--every must be at least 1, got 0"),
     "negative smoothing": (lambda e: [e["video"], "--smooth", "-2"], "--smooth must be at least 1, got -2"),

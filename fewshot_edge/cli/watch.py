@@ -4,6 +4,7 @@ half: numpy, onnxruntime and OpenCV from the ``[video]`` extra, never torch)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -71,6 +72,7 @@ def watch(
     for name, value in (("--every", every), ("--smooth", smooth), ("--max-frames", max_frames)):
         if value is not None and value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own messages off, so a failure is one line
     try:
         import_cv2()
     except ImportError as exc:
