@@ -41,11 +41,12 @@ def import_cv2() -> ModuleType:
     return cv2
 
 
-def open_capture(source: str) -> Any:
-    """A ``cv2.VideoCapture`` on ``source``: a camera index ("0"), a GStreamer pipeline (anything with "!",
+def open_capture(source: str | int) -> Any:
+    """A ``cv2.VideoCapture`` on ``source``: a camera index (0 or "0"), a GStreamer pipeline (anything with "!",
     ending in appsink, e.g. a Jetson CSI camera's ``nvarguscamerasrc ! ... ! appsink``), a URL (rtsp://,
     http://) or a video file. One that OpenCV cannot open is a ``FewShotInputError``."""
     cv2 = import_cv2()
+    source = str(source)
     args: tuple[Any, ...]
     if source.isdigit():
         args, what = (int(source),), f"camera {source}"
@@ -134,7 +135,7 @@ class VideoWatch:
     def __init__(
         self,
         model: FewShotModel,
-        source: str,
+        source: str | int,
         every: int = 1,
         smooth: int = 5,
         max_frames: int | None = None,

@@ -17,8 +17,8 @@ from runtime_support import BLOCK_TORCH
 
 from fewshot_edge import glyphs
 from fewshot_edge.cli import main
-from fewshot_edge.runtime import FewShotModel, Frame, Prediction
-from fewshot_edge.runtime.video import TemporalSmoother
+from fewshot_edge.runtime import FewShotInputError, FewShotModel, Frame, Prediction
+from fewshot_edge.runtime.video import TemporalSmoother, VideoWatch
 
 cv2 = pytest.importorskip("cv2")
 
@@ -233,3 +233,12 @@ def test_ctrl_c_ends_cleanly_with_a_summary(glyph_video, tmp_path):
     assert "(interrupted)" in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 2
     read = int(stderr.split(" frames read")[0].rsplit(" ", 1)[1])
     assert len(lines) <= read < 3000
+
+
+def test_the_python_api_takes_paths_and_camera_numbers(glyph_video):
+    with FewShotModel.open("omniglot-conv4", store=glyph_video["store"]) as model:
+        with VideoWatch(model, str(glyph_video["video"]), every=5, smooth=2) as frames:
+            assert [f.index for f in frames] == list(range(0, SYMBOLS * SEGMENT, 5))
+            assert frames.frames_read == SYMBOLS * SEGMENT
+        with pytest.raises(FewShotInputError, match="OpenCV cannot open camera 97"):
+            VideoWatch(model, 97)
