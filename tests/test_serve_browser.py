@@ -45,8 +45,8 @@ def chromium() -> str:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         reason = "playwright is not installed (pip install playwright; the browser is the system's Chromium)"
-    if reason is None and not found:
-        reason = "no Chromium found (apt-get install chromium, or set FEWSHOT_EDGE_CHROMIUM)"
+    if reason is None and not (found and Path(found).is_file()):
+        reason = f"no Chromium {'at ' + found if found else 'found'} (apt-get install chromium, or set FEWSHOT_EDGE_CHROMIUM)"
     if reason:
         if os.environ.get("FEWSHOT_EDGE_REQUIRE_BROWSER") == "1":
             pytest.fail(reason)
