@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -60,10 +62,41 @@ def evaluate_sampler(
     was_training = method.training
     method.eval()
     accs = torch.empty(episodes, device=sampler.device)
-    for i in tqdm(range(episodes), desc="eval", disable=not progress, leave=False):
-        ep = sampler.sample()
-        logits = method.logits(ep.support, ep.support_labels, ep.query, ep.n_way)
-        accs[i] = (logits.argmax(-1) == ep.query_labels).float().mean()
+    with encoded_once(method, sampler) as encoded:
+        for i in tqdm(range(episodes), desc="eval", disable=not progress, leave=False):
+            ep = sampler.sample()
+            if encoded is None:
+                logits = method.logits(ep.support, ep.support_labels, ep.query, ep.n_way)
+            else:
+                k = sampler.k_shot
+                support, query = encoded[ep.index[:, :k].flatten()], encoded[ep.index[:, k:].flatten()]
+                logits = method.logits(support, ep.support_labels, query, ep.n_way)
+            accs[i] = (logits.argmax(-1) == ep.query_labels).float().mean()
     method.train(was_training)
     mean, ci = confidence_interval(accs.cpu().numpy().astype(np.float64))
     return EvalResult(mean, ci, episodes, sampler.n_way, sampler.k_shot, sampler.q_query)
+
+
+@contextmanager
+def encoded_once(method: FewShotMethod, sampler: EpisodeSampler, batch: int = 256) -> Iterator[torch.Tensor | None]:
+    """Every image of ``sampler``'s data set through the method's ``image_encoder`` once (eval mode),
+    with that encoder replaced by the identity inside the block, so ``logits`` takes the encodings where
+    it took images: the episodes and their answers are the same, and a 1,000-episode evaluation encodes
+    each image once rather than once per episode it appears in. Yields None (nothing replaced) for a
+    method whose encoding depends on the episode."""
+    name = method.image_encoder
+    if name is None:
+        yield None
+        return
+    encode = getattr(method, name)
+    scale, shift = sampler.scale, sampler.shift
+    encoded = torch.cat(
+        [encode(sampler.images[i : i + batch].float() * scale + shift) for i in range(0, len(sampler.images), batch)]
+    )
+    # an instance attribute shadows the class's method for this block only, so no method needs a second
+    # code path that takes encodings instead of images
+    setattr(method, name, lambda x: x)
+    try:
+        yield encoded
+    finally:
+        delattr(method, name)

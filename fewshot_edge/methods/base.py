@@ -63,6 +63,11 @@ class FewShotMethod(nn.Module):
 
     name: ClassVar[str]
     option_help: ClassVar[dict[str, str]] = {}
+    #: the method's per-image encoder (``embed``, or the method that ``logits`` calls on the images) when
+    #: its output depends on the image alone, never on the episode: evaluation then encodes each image of
+    #: the data set once instead of once per episode. None (the default) where the episode changes it
+    #: (FiLM's conditioning, MAML's adapted backbone).
+    image_encoder: ClassVar[str | None] = None
 
     def __init__(self, backbone: Backbone, **options: Any) -> None:
         super().__init__()

@@ -82,6 +82,7 @@ class FiLMProtoNet(ProtoNet):
     """
 
     name = "film"
+    image_encoder = None  # the task's FiLM changes every embedding
     option_help = {
         **ProtoNet.option_help,
         "task_dim": "width of the context encoder",

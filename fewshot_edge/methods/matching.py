@@ -76,6 +76,7 @@ class MatchingNet(FewShotMethod):
     """Cosine attention over every support shot, with optional full-context embeddings."""
 
     name = "matching"
+    image_encoder = "embed"
     option_help = {
         "fce": "full-context embeddings: a bidirectional LSTM over the support, an attention LSTM for queries",
         "fce_steps": "reading steps of the query attention LSTM (with fce)",

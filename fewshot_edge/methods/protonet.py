@@ -34,6 +34,7 @@ class ProtoNet(FewShotMethod):
     """Logits are -squared Euclidean distance to prototypes, or a learnable scale times cosine."""
 
     name = "protonet"
+    image_encoder = "embed"
     option_help = {"metric": "distance to the prototypes: sqeuclidean, or cosine with a learned scale"}
 
     def __init__(self, backbone: Backbone, metric: str = "sqeuclidean", **options: Any) -> None:

@@ -65,6 +65,7 @@ class RelationNet(FewShotMethod):
     """Relation logits of (query, class-mean) feature-map pairs from a learned relation module."""
 
     name = "relation"
+    image_encoder = "features"
     option_help = {
         "loss": "mse: sigmoid relation scores regressed on one-hot (the paper); ce: softmax cross-entropy over classes",
         "pooled_blocks": "how many leading backbone blocks keep their max-pool (the paper: 2 of 4)",

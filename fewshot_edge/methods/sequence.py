@@ -29,6 +29,7 @@ class SequenceMethod(FewShotMethod):
     """Base of ``mann`` and ``transformer``: slot bookkeeping, ``freeze_backbone``, export info."""
 
     form: str  # "recurrent" (shots written one at a time into a state) or "set" (the support read whole)
+    image_encoder = "embed"
 
     def __init__(self, backbone: Backbone, max_way: int, freeze_backbone: bool, **options: Any) -> None:
         if max_way < 2:
