@@ -21,7 +21,7 @@ from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import Episode
 from fewshot_edge.methods import MAML, MetaSGD
 from fewshot_edge.methods.anil import head_logits, prototype_head
-from fewshot_edge.methods.maml import batch_stats_untracked
+from fewshot_edge.methods.maml import batch_statistics
 from fewshot_edge.methods.protonet import prototypes
 from fewshot_edge.models import Backbone
 from fewshot_edge.runtime.finetune import finetune_head, schedule
@@ -103,12 +103,27 @@ def test_full_adaptation_moves_every_layer_and_lowers_the_support_loss():
     assert all(not torch.equal(params[k], v) for k, v in method.backbone.named_parameters())
 
     def support_loss(p: dict[str, torch.Tensor], h: dict[str, torch.Tensor]) -> float:
-        with batch_stats_untracked(method.backbone):
+        with batch_statistics(method.backbone):
             emb = functional_call(method.backbone, p, (ep.support,))
         return F.cross_entropy(head_logits(h, emb), ep.support_labels).item()
 
     start = prototype_head(prototypes(method.embed(ep.support), ep.support_labels, ep.n_way))
     assert support_loss(params, head) < support_loss(dict(method.backbone.named_parameters()), start)
+
+
+def test_only_the_training_prototype_forward_updates_batchnorm_running_statistics():
+    method, ep = tiny(), tiny_episode(seed=5)
+    bn = method.backbone.bn
+    with torch.no_grad():
+        batch_mean = method.backbone.linear(ep.support).mean(0)
+        expected = 0.9 * bn.running_mean + 0.1 * batch_mean  # momentum 0.1: the support batch, once
+        method.logits(ep.support, ep.support_labels, ep.query, ep.n_way)
+        torch.testing.assert_close(bn.running_mean, expected)
+        method.eval()
+        full = method.logits(ep.support, ep.support_labels, ep.query, ep.n_way)
+        torch.testing.assert_close(bn.running_mean, expected)  # eval mode updates nothing
+        half = method.logits(ep.support, ep.support_labels, ep.query[::2], ep.n_way)
+    assert not torch.allclose(full[::2], half)  # full adaptation normalises by the batch (transductive)
 
 
 def test_metasgd_step_sizes_are_learned():
