@@ -15,6 +15,7 @@ from runtime_support import BLOCK_TORCH, embed_by_hand, images, make_bundle, run
 from test_anil import embeddings
 from test_cli_adaptation import character_files, run, train_args
 from test_film import adam_losses, episode
+from torch.nn import functional as F
 
 from fewshot_edge.checkpoint import load_checkpoint
 from fewshot_edge.data.splits import load_splits
@@ -151,13 +152,27 @@ def test_meta_training_reaches_the_gates_and_reduces_the_loss():
     torch.manual_seed(0)
     method = MetaLSTM(create_backbone("conv4", 1, 28), inner_steps=2, step_size=0.01)
     ep = episode(5, 2, q_query=3)
-    loss, _ = method.loss(ep)
-    loss.backward()
+    method.loss(ep)[0].backward()
     assert method.gate_weight.grad.abs().sum() > 0 and method.gate_bias.grad.abs().sum() > 0
     losses = adam_losses(method, ep, 6)
     assert losses[-1] < losses[0]
     with pytest.raises(FewShotInputError, match=r"step_size must be in \(0, 1\)"):
         MetaLSTM(create_backbone("conv4", 1, 28), step_size=1.5)
+
+
+def test_first_order_drops_the_second_order_terms():
+    x, y, q = embeddings(seed=4)
+    x.requires_grad_(True)
+    gate_weight = (0.3 * torch.randn(2, 7, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    gate_bias = torch.tensor([math.log(0.2 / 0.8), 3.0], requires_grad=True)
+    grads = []
+    for first_order in (False, True):
+        head = learned_update(prototype_head(prototypes(x, y, 5)), x, y, gate_weight, gate_bias, 3, first_order)
+        loss = F.cross_entropy(q @ head["weight"].T + head["bias"], torch.arange(5).repeat(2))
+        grads.append(torch.autograd.grad(loss, [x, gate_weight, gate_bias]))
+    assert all(g.abs().sum() > 0 for g in grads[1])  # the gates learn first-order too
+    for second, first in zip(*grads, strict=True):
+        assert not torch.allclose(second, first, rtol=1e-3)
 
 
 GATES = {
