@@ -129,7 +129,10 @@ def worker(rank: int, port: int, tmp: Path, source: Path) -> None:
         resumed = train(
             run_config(source, tmp / RUNS / "one_to_two"), resume=tmp / "one" / "last.pt", progress_bar=False
         )
-    torch.save({"gaps": gaps, "writes": writes, "fresh": fresh, "resumed": resumed}, tmp / f"rank{rank}.pt")
+        pretrain = run_config(source, tmp / RUNS / "pretrain", stage="pretrain", batch_size=8, episodes=2, lr=0.05)
+        pretrained = train(pretrain, progress_bar=False)
+    results = {"gaps": gaps, "writes": writes, "fresh": fresh, "resumed": resumed, "pretrained": pretrained}
+    torch.save(results, tmp / f"rank{rank}.pt")
 
 
 def free_port() -> int:
@@ -243,3 +246,11 @@ def test_a_one_rank_run_resumes_on_two_ranks_with_a_fresh_stream_for_rank_1(two_
     assert torch.equal(two["generators"][0], advanced(sampler, one["generator"], 2))
     fresh = torch.Generator().manual_seed(rank_seed(0, 1, 2)).get_state()
     assert torch.equal(two["generators"][1], advanced(sampler, fresh, 2))
+
+
+def test_the_pretrain_stage_trains_on_two_ranks(two_ranks):
+    tmp, (rank0, _) = two_ranks
+    assert rank0["pretrained"]["ranks"] == 2 and [h["episode"] for h in rank0["pretrained"]["history"]] == [2]
+    last = read_checkpoint(tmp / RUNS / "pretrain" / "last.pt")
+    assert "head.weight" in last["objective"] and len(last["generators"]) == 2
+    assert not torch.equal(last["generators"][0], last["generators"][1])
