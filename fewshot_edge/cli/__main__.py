@@ -2,4 +2,5 @@
 
 from fewshot_edge.cli import main
 
-main(prog_name="fewshot-edge")
+if __name__ == "__main__":
+    main(prog_name="fewshot-edge")
