@@ -35,15 +35,23 @@ FEATURES = 7  # pre(g), pre(L), pre(theta), the gate's previous value
 PREPROCESS_P = 10.0
 
 
-def preprocess(v: np.ndarray | float, p: float = PREPROCESS_P) -> np.ndarray:
-    """(2, ...): log(max(|v|, e^-p)) / p and clip(e^p v, -1, 1)."""
+def preprocess(v: np.ndarray | float, p: float = PREPROCESS_P, out: np.ndarray | None = None) -> np.ndarray:
+    """(2, ...): log(max(|v|, e^-p)) / p and clip(e^p v, -1, 1), float64, written into ``out`` when given."""
     v = np.asarray(v, dtype=np.float64)
-    return np.stack([np.log(np.maximum(np.abs(v), np.exp(-p))) / p, np.clip(np.exp(p) * v, -1.0, 1.0)])
+    out = np.empty((2, *v.shape)) if out is None else out
+    log, scaled = out[0, ...], out[1, ...]  # views, also for a single value
+    np.log(np.maximum(np.abs(v, out=log), np.exp(-p), out=log), out=log)
+    log /= p
+    np.clip(np.multiply(v, np.exp(p), out=scaled), -1.0, 1.0, out=scaled)
+    return out
 
 
-def gate(z: np.ndarray) -> np.ndarray:
-    """sigmoid(z) = (1 + tanh(z / 2)) / 2: no overflow, and 0 and 1 exactly far out."""
-    return 0.5 + 0.5 * np.tanh(0.5 * z)
+def gate(z: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """sigmoid(z) = (1 + tanh(z / 2)) / 2 into ``out``: no overflow, and 0 and 1 exactly far out."""
+    np.tanh(np.multiply(z, 0.5, out=out), out=out)
+    out *= 0.5
+    out += 0.5
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,17 +90,22 @@ def learned_update(x: np.ndarray, y: np.ndarray, protos: np.ndarray, rule: Updat
     w, b = prototype_head(protos)
     if not len(x):
         return w, b
-    shape, onehot, p = w.shape, np.eye(len(w))[y], rule.preprocess_p
-    weight, bias = rule.gate_weight, rule.gate_bias[:, None]
+    shape, onehot, p, weight = w.shape, np.eye(len(w))[y], rule.preprocess_p, rule.gate_weight
     theta = np.concatenate([w.ravel(), b])
-    gates = np.zeros((2, len(theta)))  # input gate, forget gate
+    # the per-coordinate arrays are written in place: fresh ones of this size cost more (page faults) than the arithmetic
+    g, features = np.empty_like(theta), np.empty((4, len(theta)))  # features: pre(g), pre(theta)
+    z, gates = np.empty((2, len(theta))), np.zeros((2, len(theta)))  # gates: input, forget
     for _ in range(rule.steps):
         gw, gb, loss = support_gradient(x, onehot, theta[: w.size].reshape(shape), theta[w.size :])
-        g = np.concatenate([gw.ravel(), gb])
-        shared = weight[:, 2:4] @ preprocess(loss, p)[:, None] + bias  # the loss is one value for every coordinate
-        z = weight[:, 0:2] @ preprocess(g, p) + weight[:, 4:6] @ preprocess(theta, p) + weight[:, 6:7] * gates + shared
-        gates = gate(z)
-        theta = gates[1] * theta - gates[0] * g
+        g[: w.size], g[w.size :] = gw.ravel(), gb
+        preprocess(g, p, out=features[0:2])
+        preprocess(theta, p, out=features[2:4])
+        np.matmul(weight[:, [0, 1, 4, 5]], features, out=z)
+        z += np.multiply(gates, weight[:, 6:7], out=gates)  # the gates' previous values
+        z += weight[:, 2:4] @ preprocess(loss, p)[:, None] + rule.gate_bias[:, None]  # one loss for every coordinate
+        gate(z, out=gates)
+        theta *= gates[1]
+        theta -= np.multiply(gates[0], g, out=g)
     return theta[: w.size].reshape(shape), theta[w.size :]
 
 
