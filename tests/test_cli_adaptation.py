@@ -72,6 +72,15 @@ def train_args(source: Path, out: Path, method: str, *options: str) -> list[obje
     ]
 
 
+def eval_and_export(run_dir: Path, bundle: Path) -> dict:
+    """``eval`` a trained run (an accuracy in [0, 1]) and ``export`` its last checkpoint to ``bundle``;
+    returns the bundle's manifest."""
+    evaluated = run("eval", run_dir / "last.pt", "--episodes", "5", "--query", "5", "--device", "cpu", "--json")
+    assert 0.0 <= json.loads(evaluated.output)["accuracy"] <= 1.0
+    run("export", run_dir / "last.pt", "--out", bundle, "--calibration-episodes", "20")
+    return json.loads((bundle / "manifest.json").read_text())
+
+
 @pytest.mark.parametrize(
     "method,options,mode",
     [

@@ -20,8 +20,9 @@ from runtime_support import (
     run_python,
     weight,
 )
-from test_cli_adaptation import character_files, run, train_args
+from test_cli_adaptation import character_files, eval_and_export, run, train_args
 from test_film import adam_losses, episode
+from test_relation import shots
 
 from fewshot_edge.checkpoint import load_checkpoint
 from fewshot_edge.data.splits import load_splits
@@ -42,7 +43,6 @@ from fewshot_edge.runtime import (
     write_bundle,
 )
 from fewshot_edge.runtime.bayes import noise
-from fewshot_edge.runtime.store import Shots
 
 D = 3
 RNG = np.random.default_rng(7)
@@ -90,12 +90,6 @@ def by_hand(classes: np.ndarray, queries: np.ndarray, samples: int = 4, seed: in
     mean = queries @ (h @ A).T + h @ U
     var = queries**2 @ np.exp(h @ B - 1.0).T + np.exp(h @ V - 2.0)
     return mean[:, None] + np.sqrt(var)[:, None] * noise(samples, len(h), seed)[None]
-
-
-def shots(embeddings, targets, labels=("a", "b")) -> Shots:
-    return Shots(
-        np.arange(len(targets)), list(labels), np.asarray(targets), np.asarray(embeddings, np.float32), None, 1
-    )
 
 
 SHOTS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 2]], dtype=np.float32)
@@ -216,10 +210,7 @@ def trained(tmp_path_factory):
 
 def test_train_eval_export_and_predict_from_the_cli(trained, tmp_path):
     run_dir = trained / "run"
-    evaluated = run("eval", run_dir / "last.pt", "--episodes", "5", "--query", "5", "--device", "cpu", "--json")
-    assert 0.0 <= json.loads(evaluated.output)["accuracy"] <= 1.0
-    run("export", run_dir / "last.pt", "--out", tmp_path / "bundle", "--calibration-episodes", "20")
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    manifest = eval_and_export(run_dir, tmp_path / "bundle")
     assert manifest["adaptation"]["default"] == "bayes"
     assert manifest["adaptation"]["modes"]["bayes"]["samples"] == 16
     assert {f["role"] for f in manifest["files"].values()} == {"encoder", "amortise"}
