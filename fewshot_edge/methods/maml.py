@@ -13,8 +13,8 @@ in eval mode alike (transductive, as MAML: the support set in the inner loop, th
 after it). Only the training forward of the support set that gives the prototypes updates the
 running statistics, so they describe the meta-learned initial network: the one head-only adaptation
 (and a device, which embeds each image alone) runs in eval mode. Full adaptation on the running
-statistics instead (the eval mode of a plain network) costs about 10 points on Omniglot 5-way 1-shot:
-the inner steps are trained on batch statistics.
+statistics instead (a plain network's eval mode) lost 11 points (65.9% vs 77.3%) on Omniglot 5-way
+1-shot after 3 minutes of training: the inner steps are trained on batch statistics.
 
 A device cannot step its encoder, so a bundle carries the backbone and the head's init and step sizes
 for the numpy ``finetune`` mode (ANIL's export): head-only adaptation. ``test_adapt=head`` makes the
