@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -153,6 +154,7 @@ def test_predict_matches_the_model_in_process(client, store):
         assert [t["label"] for t in got["top_k"]] == [label for label, _ in want.top_k[:2]]
         assert got["probabilities"] == pytest.approx(dict(zip(labels, row.tolist(), strict=True)), abs=1e-6)
         assert sum(got["probabilities"].values()) == pytest.approx(1.0)
+        assert got["entropy"] == pytest.approx(want.entropy, abs=1e-6) and got["epistemic"] is None  # one model
 
 
 def test_error_statuses_are_one_line_json(client):
@@ -279,6 +281,21 @@ def test_serve_refuses_to_bind_beyond_loopback_without_a_key(tmp_path, args, wor
     line = result.output.strip().splitlines()
     assert len(line) == 1 and all(w in line[0] for w in words), result.output
     assert not (tmp_path / "s.db").exists()  # refused before anything was opened
+
+
+def test_a_port_in_use_or_a_mode_the_bundle_lacks_is_one_line_before_serving(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--store", str(tmp_path / "s.db"), "--port", str(port)])
+    assert result.exit_code == 2 and result.output.strip().startswith(f"Error: cannot serve on 127.0.0.1:{port}: ")
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "s.db").exists()
+    result = CliRunner().invoke(
+        main, ["serve", "--store", str(tmp_path / "s.db"), "--port", "0", "--adapt", "relation"]
+    )
+    assert result.exit_code == 2 and "relation" in result.output and len(result.output.strip().splitlines()) == 1
+    assert "serving" not in result.output
 
 
 def test_loopback_addresses():

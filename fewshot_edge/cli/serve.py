@@ -7,6 +7,7 @@ Safe by default: it binds to 127.0.0.1; any other address needs an API key or an
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import click
 
 from .common import InputError, main, reports_input_errors, require_modules
 from .device import open_model
-from .options import engine_options, store_options
+from .options import engine_options, mode_options, store_options
 
 API_KEY_ENV = "FEWSHOT_EDGE_API_KEY"
 
@@ -52,12 +53,15 @@ def is_loopback(host: str) -> bool:
     help="Serve HTTPS (browser cameras need it off localhost).",
 )
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), help="The certificate's private key.")
+@mode_options
 @engine_options
 @reports_input_errors
 def serve(
     bundle: str | None,
     store: str,
     reembed: bool,
+    adapt: str | None,
+    steps: int | None,
     host: str,
     port: int,
     api_key: str | None,
@@ -92,15 +96,31 @@ def serve(
     from fewshot_edge.serve import LOOPBACK_HOSTS, Limits, create_app
 
     limits = Limits(int(max_request_mb * 1024 * 1024), max_images, max_image_pixels)
-    with open_model(bundle, store, reembed, create=True, engine=engine) as model:
+    adapt_options = None if steps is None else {"steps": steps}
+    with (
+        listening(host, port) as sock,
+        open_model(bundle, store, reembed, adapt, create=True, adapt_options=adapt_options, engine=engine) as model,
+    ):
         app = create_app(model, engine["precision"], api_key, limits, LOOPBACK_HOSTS if is_loopback(host) else None)
         scheme = "https" if ssl_certfile else "http"
         shown = f"[{host}]" if ":" in host else host
         click.echo(
             f"serving {Path(store)} ({len(model.classes())} classes, mode {model.adapter.name})"
-            f" at {scheme}://{shown}:{port}/{' with an API key' if api_key else ''}"
+            f" at {scheme}://{shown}:{sock.getsockname()[1]}/{' with an API key' if api_key else ''}"
         )
-        config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile
-        )
-        uvicorn.Server(config).run()
+        config = uvicorn.Config(app, log_level="warning", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+def listening(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything is served, so a port in use or an address this machine
+    does not have is one line and exit 2 rather than uvicorn's error after the 'serving' line."""
+    address = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    return sock

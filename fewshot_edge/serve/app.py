@@ -262,9 +262,8 @@ def _prediction(name: str, p: Prediction, top_k: int) -> dict[str, Any]:
         "label": p.label,
         "probability": p.probability,
         "distance": p.distance,
-        # the predictive entropy and its epistemic part, where this runtime's Prediction has them
-        "entropy": getattr(p, "entropy", None),
-        "epistemic": getattr(p, "epistemic", None),
+        "entropy": p.entropy,
+        "epistemic": p.epistemic,
         "unknown": p.label != p.top_k[0][0],
         "top_k": [{"label": k, "probability": v} for k, v in p.top_k[:top_k]],
         "probabilities": dict(p.top_k),
