@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ import torch.multiprocessing as mp
 from fewshot_edge.checkpoint import build_method, load_checkpoint, read_checkpoint
 from fewshot_edge.config import TrainConfig
 from fewshot_edge.data.splits import load_splits
-from fewshot_edge.distributed import World, launch, rank_seed
+from fewshot_edge.distributed import World, launch, rank_device, rank_seed
 from fewshot_edge.episodes import Episode, EpisodeSampler
 from fewshot_edge.evaluate import evaluate
 from fewshot_edge.methods import METHODS, create_method
 from fewshot_edge.models import create_backbone
 from fewshot_edge.pretrain import Batch, Classifier
+from fewshot_edge.runtime.errors import FewShotInputError
 from fewshot_edge.train import learning_rate, train
 
 RUNS = "runs"  # the runs' folder under the fixture's tmp folder; the audit hook watches it
@@ -254,3 +256,20 @@ def test_the_pretrain_stage_trains_on_two_ranks(two_ranks):
     last = read_checkpoint(tmp / RUNS / "pretrain" / "last.pt")
     assert "head.weight" in last["objective"] and len(last["generators"]) == 2
     assert not torch.equal(last["generators"][0], last["generators"][1])
+
+
+def test_a_fixed_gpu_is_refused_under_torchrun_and_the_cpu_kept():
+    with pytest.raises(FewShotInputError, match="under torchrun each rank trains on the GPU of its LOCAL_RANK"):
+        rank_device(torch.device("cuda", 1), 0)
+    assert rank_device(torch.device("cpu"), 3) == torch.device("cpu")
+
+
+def test_rank_seeds_are_the_seed_plus_rank_at_the_start_and_fresh_later():
+    assert [rank_seed(7, r, 0) for r in range(3)] == [7, 8, 9]
+    later = {rank_seed(7, r, step) for r in range(3) for step in (1, 500)}
+    assert len(later) == 6 and not later & {7, 8, 9} and rank_seed(7, 1, 500) == rank_seed(7, 1, 500)
+
+
+def test_python_dash_m_runs_the_cli_for_torchrun():
+    result = subprocess.run([sys.executable, "-m", "fewshot_edge.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("fewshot-edge, version")
