@@ -59,13 +59,15 @@ LOG_EVERY = 50  # episodes per progress-bar update; each update syncs the device
 
 
 class Meter:
-    """Loss and accuracy summed on the device over a window of episodes, and the run's steady throughput.
+    """Loss and accuracy summed on the device over a window of steps, and the run's steady throughput in
+    episodes (``ranks`` per step) per second.
 
     Steady throughput counts from the end of the first window (so warm-up and compilation are left out)
     and leaves out the time spent validating.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, ranks: int = 1) -> None:
+        self.ranks = ranks
         self.loss = torch.zeros((), device=device)
         self.acc = torch.zeros((), device=device)
         self.window, self.window_t = 0, time.perf_counter()
@@ -82,7 +84,7 @@ class Meter:
         mean_loss, mean_acc = self.loss.item() / self.window, self.acc.item() / self.window
         now = time.perf_counter()
         bar.set_postfix(
-            eps=f"{self.window / (now - self.window_t):.1f}/s",
+            eps=f"{self.ranks * self.window / (now - self.window_t):.1f}/s",
             loss=f"{mean_loss:.3f}",
             acc=f"{mean_acc:.3f}",
             val=f"{val.accuracy:.4f}" if val else "-",
@@ -98,11 +100,11 @@ class Meter:
             self.val_seconds += seconds
 
     def steady_rate(self, episode: int, end: float) -> float | None:
-        """Episodes per second in steady state up to ``episode`` at time ``end``; None before it began."""
+        """Episodes per second in steady state up to step ``episode`` at time ``end``; None before it began."""
         if not self.steady_from or episode <= self.steady_from[0]:
             return None
         start_episode, start = self.steady_from
-        return round((episode - start_episode) / max(end - start - self.val_seconds, 1e-9), 2)
+        return round(self.ranks * (episode - start_episode) / max(end - start - self.val_seconds, 1e-9), 2)
 
 
 class Checkpoints:
@@ -238,7 +240,7 @@ def _train(config: TrainConfig, world: World, resume: str | Path | None, progres
     bar = tqdm(total=config.episodes, initial=start_episode, disable=not show, dynamic_ncols=True)
     objective.train()
     t0 = time.perf_counter() - elapsed_before
-    meter = Meter(device)
+    meter = Meter(device, world.size)
     episode = start_episode
     elapsed = elapsed_before
     val_result: EvalResult | None = None
@@ -273,13 +275,12 @@ def _train(config: TrainConfig, world: World, resume: str | Path | None, progres
     if episode % config.val_every if episode > start_episode else resume is None:
         record(episode, elapsed)
     drawn = (episode - start_episode) * world.size  # episodes (or batches) drawn by all ranks
-    steady = meter.steady_rate(episode, loop_end) if world.main else None
     metrics = {
         "episodes": episode,
         "ranks": world.size,
         "elapsed_s": round(elapsed, 3),
         "episodes_per_s": round(drawn / max(elapsed - elapsed_before, 1e-9), 2),
-        "steady_episodes_per_s": None if steady is None else round(steady * world.size, 2),
+        "steady_episodes_per_s": meter.steady_rate(episode, loop_end) if world.main else None,
         "device": str(device),
         "train_classes": train_data.num_classes,
         "val_classes": val_data.num_classes,
