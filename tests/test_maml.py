@@ -10,7 +10,7 @@ from dataclasses import astuple
 import numpy as np
 import pytest
 import torch
-from test_cli_adaptation import character_files, run, train_args
+from test_cli_adaptation import character_files, eval_and_export, run, train_args
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
@@ -169,12 +169,7 @@ def test_cli_train_export_enroll_predict_equals_pytorch_head_only(omniglot_small
         ["-O", "first_order=true"] if method == "maml" else []
     )
     run(*train_args(omniglot_small1, tmp_path / "run", method, *options))
-    evaluated = json.loads(
-        run("eval", tmp_path / "run" / "last.pt", "--shot", "1", "--query", "2", "--episodes", "2", "--json").output
-    )
-    assert evaluated["episodes"] == 2 and 0 <= evaluated["accuracy"] <= 1
-    run("export", tmp_path / "run" / "last.pt", "--out", tmp_path / "bundle", "--calibration-episodes", "20")
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    manifest = eval_and_export(tmp_path / "run", tmp_path / "bundle")
     finetune = manifest["adaptation"]["modes"]["finetune"]
     shots, queries, labels = character_files(tmp_path / "run", tmp_path / "files")
     store = tmp_path / "device.db"
