@@ -2,7 +2,8 @@
 (or, with --time-limit, the same wall-clock minutes) of the same shape, seed and learning-rate schedule,
 then its last checkpoint is evaluated on the same held-out episodes (95% CIs). Omniglot: the background set minus 5 held-out alphabets (characters upright
 at evaluation); miniImageNet: the training shards, evaluated on the 16 validation classes (so at most
-16-way). Writes OUT/comparison.json after each method, so an interrupted run keeps what it finished.
+16-way). Writes OUT/comparison.json after each method, so an interrupted run keeps what it finished
+(--reuse then evaluates what it trained and trains the rest).
 
     python benchmarks/method_comparison.py --data omniglot --episodes 10000 --device cuda --out runs/compare-omniglot
     python benchmarks/method_comparison.py --data miniimagenet --source train-0.zip --source train-1.zip \\
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-episodes", type=int, default=1000)
+    parser.add_argument("--reuse", action="store_true", help="evaluate methods already trained in OUT, train the rest")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/method-comparison")
     args = parser.parse_args()
@@ -131,7 +133,11 @@ def main() -> None:
         run = TrainConfig(
             **{**config.to_dict(), "method": method, "method_options": METHOD_OPTIONS[method], "out": str(out / method)}
         )
-        metrics = train(run, progress_bar=False)
+        finished = out / method / "metrics.json"
+        if args.reuse and finished.exists():  # trained by an earlier run of this command: evaluate only
+            metrics = json.loads(finished.read_text())
+        else:
+            metrics = train(run, progress_bar=False)
         trained, _, _, _ = load_checkpoint(out / method / "last.pt", device)
         results = [
             evaluate(trained, held_out, n, k, 15, args.eval_episodes, seed=1000 + args.seed, device=device)
