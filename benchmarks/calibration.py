@@ -8,9 +8,11 @@ store) enrolls the first ``way`` classes from their support images, as a device 
 scores the queries of all classes; the other ``--unknown`` classes' queries are the unknowns. From the
 enrolled classes' queries: accuracy, ECE (15 equal-width bins of the top-1 confidence) and NLL at
 temperature 1 and at the temperature the device divides by (the mode's own when its parameters hold
-one, else the bundle's). From all queries: the AUROC of telling unknowns from knowns by the distance
-to the nearest class, 1 - the top probability, the entropy and (``bayes``) the epistemic part, each
-taken from the calibrated distribution as ``Prediction`` reports it.
+one, else the bundle's), and the ECE at the "oracle" temperature, the one minimising the NLL of these
+very queries (what a temperature fitted for this shot count could reach). From all queries: the AUROC
+of telling unknowns from knowns by the distance to the nearest class, 1 - the top probability, the
+entropy and (``bayes``) the epistemic part, each taken from the calibrated distribution as
+``Prediction`` reports it.
 
 Writes OUT/NAME.json and a reliability diagram OUT/NAME.png per run (NAME = the bundle folder's name
 with the mode; rows = shots, columns = before/after temperature), and prints a markdown table.
@@ -37,6 +39,7 @@ from fewshot_edge.config import TrainConfig
 from fewshot_edge.data.dataset import FewShotDataset
 from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import EpisodeSampler
+from fewshot_edge.export.calibration import fit_temperature
 from fewshot_edge.runtime import FewShotModel
 from fewshot_edge.runtime.stats import auroc, confidence_interval, expected_calibration_error, reliability
 from fewshot_edge.runtime.uncertainty import log_predictive, predictive
@@ -50,7 +53,8 @@ SPLIT_FIELDS = ("data", "sources", "data_options", "val_sources", "holdout", "ho
 class EpisodeScores:
     """One episode's queries, enrolled classes' first: true class (>= way for an unenrolled one), the
     class probabilities at temperature 1 and at the device's temperature, log p of the true class both
-    ways (enrolled classes' queries only), and the open-set statistics (higher = more likely unknown)."""
+    ways and the logits (enrolled classes' queries only), and the open-set statistics (higher = more
+    likely unknown)."""
 
     truth: np.ndarray
     raw: np.ndarray
@@ -58,6 +62,7 @@ class EpisodeScores:
     log_likelihood_raw: np.ndarray
     log_likelihood: np.ndarray
     statistics: dict[str, np.ndarray]
+    known_logits: np.ndarray
 
 
 def device_temperature(model: FewShotModel) -> float:
@@ -99,6 +104,7 @@ def episode_scores(model: FewShotModel, images: np.ndarray, index: np.ndarray, w
         log_likelihood_raw=log_predictive(logits[known], 1.0)[0][np.arange(len(rows)), truth[known]],
         log_likelihood=log_predictive(logits[known], temperature)[0][np.arange(len(rows)), truth[known]],
         statistics=statistics,
+        known_logits=logits[known],
     )
 
 
@@ -131,6 +137,8 @@ def measure(
     truth = np.concatenate([p.truth for p in parts])
     known = truth < way
     raw, calibrated = (np.concatenate([getattr(p, name) for p in parts])[known] for name in ("raw", "calibrated"))
+    logits = np.concatenate([p.known_logits for p in parts])
+    oracle = fit_temperature(logits, truth[known])  # the best one temperature could do on these very queries
     correct = [(p.calibrated[p.truth < way].argmax(1) == p.truth[p.truth < way]).mean() for p in parts]
     accuracy, ci = confidence_interval(np.array(correct))
     open_set = {}
@@ -153,6 +161,8 @@ def measure(
         "ci95_pct": round(100 * ci, 2),
         "ece_pct_t1": round(100 * expected_calibration_error(raw, truth[known], BINS), 2),
         "ece_pct": round(100 * expected_calibration_error(calibrated, truth[known], BINS), 2),
+        "oracle_temperature": round(oracle, 4),
+        "ece_pct_oracle": round(100 * expected_calibration_error(predictive(logits, oracle)[0], truth[known], BINS), 2),
         "nll_t1": round(-float(np.concatenate([p.log_likelihood_raw for p in parts]).mean()), 4),
         "nll": round(-float(np.concatenate([p.log_likelihood for p in parts]).mean()), 4),
         "auroc_open_set": open_set,
@@ -203,10 +213,10 @@ def plot(
 def table(reports: list[dict[str, object]]) -> str:
     """The markdown table of the reports, one row per run and shot count."""
     lines = [
-        "| model / mode | shots | accuracy % | T | ECE % T=1 | ECE % T | NLL T=1 | NLL T | "
+        "| model / mode | shots | accuracy % | T | ECE % T=1 | ECE % T | NLL T=1 | NLL T | oracle T | ECE % oracle T | "
         + " | ".join(f"AUROC {s}" for s in STATISTICS)
         + " |",
-        "|" + "---|" * (8 + len(STATISTICS)),
+        "|" + "---|" * (10 + len(STATISTICS)),
     ]
     for r in reports:
         open_set = r["auroc_open_set"]
@@ -214,6 +224,7 @@ def table(reports: list[dict[str, object]]) -> str:
         lines.append(
             f"| {r['name']} | {r['shot']} | {r['accuracy_pct']} ± {r['ci95_pct']} | {r['temperature']} | "
             f"{r['ece_pct_t1']} | {r['ece_pct']} | {r['nll_t1']} | {r['nll']} | "
+            f"{r['oracle_temperature']} | {r['ece_pct_oracle']} | "
             + " | ".join(str(open_set.get(s, "–")) for s in STATISTICS)
             + " |"
         )
