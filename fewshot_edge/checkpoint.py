@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,24 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
 
 
 def load_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", options: dict[str, Any] | None = None
 ) -> tuple[FewShotMethod, TrainConfig, InputSpec, dict[str, Any]]:
-    """Rebuild the method from a checkpoint; returns (method in eval mode, config, spec, payload)."""
+    """Rebuild the method from a checkpoint; returns (method in eval mode, config, spec, payload).
+    ``options`` override method options that do not change its parameters (e.g. maml's test_adapt)."""
     payload = read_checkpoint(path, device)
     config = TrainConfig.from_dict(payload["config"])
+    if options:
+        config = replace(config, method_options={**config.method_options, **options})
     spec = InputSpec.from_dict(payload["spec"])
     method = build_method(config, spec).to(device)
-    method.load_state_dict(payload["state"])
+    try:
+        method.load_state_dict(payload["state"])
+    except RuntimeError:
+        if not options:
+            raise
+        raise FewShotInputError(
+            f"method option(s) {', '.join(sorted(options))} change the trained parameters of {path}:"
+            " only options that leave them as they are can change after training"
+        ) from None
     method.eval()
     return method, config, spec, payload

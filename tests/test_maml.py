@@ -203,3 +203,18 @@ def test_bad_test_adapt_is_a_one_line_error(omniglot_small1, tmp_path):
     result = run(*args, "--out", tmp_path / "o", ok=False)
     assert result.exit_code == 2 and result.output.strip() == "Error: test_adapt must be one of full, head, got 'all'"
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_changes_test_adapt_but_refuses_options_that_change_the_parameters(omniglot_small1, tmp_path):
+    run(*train_args(omniglot_small1, tmp_path / "run", "metasgd", "-O", "inner_steps=1", "-O", "test_adapt=head"))
+    ckpt = tmp_path / "run" / "last.pt"
+    args = ("eval", ckpt, "--episodes", "4", "--query", "5", "--device", "cpu", "--json")
+    assert load_checkpoint(ckpt)[0].test_adapt == "head"
+    assert load_checkpoint(ckpt, options={"test_adapt": "full"})[0].test_adapt == "full"
+    head, full = (json.loads(run(*args, *extra).output) for extra in ([], ["-O", "test_adapt=full"]))
+    assert head["episodes"] == full["episodes"] == 4 and head["accuracy"] != full["accuracy"]
+    bad = run(*args, "-O", "inner_steps=3", ok=False)  # Meta-SGD learns step sizes per step
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+    assert "method option(s) inner_steps change the trained parameters" in bad.output
+    bad = run(*args, "-O", "test_adapt=all", ok=False)
+    assert bad.exit_code == 2 and "test_adapt" in bad.output

@@ -405,6 +405,15 @@ def train(
 @click.option("--query", default=15, show_default=True)
 @click.option("--episodes", default=1000, show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Seed of the evaluation episodes.")
+@click.option(
+    "-O",
+    "--method-option",
+    "method_option_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Evaluate with this method option changed, one that leaves the trained parameters as they are"
+    " (e.g. -O test_adapt=head for maml/metasgd: adapt only the head, as the device does).",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @reports_input_errors
@@ -416,6 +425,7 @@ def evaluate(
     query: int,
     episodes: int,
     seed: int,
+    method_option_args: tuple[str, ...],
     device: str,
     as_json: bool,
 ) -> None:
@@ -426,7 +436,7 @@ def evaluate(
     Example: fewshot-edge eval runs/omniglot/best.pt --way 20 --shot 1 --episodes 1000
     """
     require_modules("torch")
-    from fewshot_edge.checkpoint import load_checkpoint
+    from fewshot_edge.checkpoint import load_checkpoint, read_checkpoint
     from fewshot_edge.data import load_dataset
     from fewshot_edge.data.omniglot import upright
     from fewshot_edge.data.splits import load_splits
@@ -434,7 +444,10 @@ def evaluate(
     from fewshot_edge.train import resolve_device
 
     dev = resolve_device(device)
-    method, config, _, _ = load_checkpoint(checkpoint, dev)
+    overrides = None
+    if method_option_args:
+        overrides = method_options(read_checkpoint(checkpoint)["config"]["method"], None, method_option_args)
+    method, config, _, _ = load_checkpoint(checkpoint, dev, overrides)
     if sources:
         data = upright(load_dataset(config.data, list(sources), **config.data_options))
     else:
