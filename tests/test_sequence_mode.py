@@ -34,6 +34,7 @@ from fewshot_edge.runtime import (
     preprocess,
     write_bundle,
 )
+from fewshot_edge.runtime import bench as runtime_bench
 from fewshot_edge.runtime.store import Shots
 
 CAT, DOG, BIRD = images(1, 3, center=60), images(2, 2, center=190), images(3, 2, center=120)
@@ -502,3 +503,6 @@ def test_train_eval_export_enroll_predict_bench(omniglot_small1, tmp_path, name)
 
     report = json.loads(cli("bench", tmp_path / "bundle", "--adapt", "sequence", "--quick", "--json"))
     assert set(report["adaptation"]["modes"]) == {"prototype", "sequence"}
+    # the plain bench enrolls more classes in all than the 20 the mode can hold, one at a time
+    enroll = runtime_bench._enroll_latency(tmp_path / "bundle", tmp_path / "bench.db", {"adapt": "sequence"}, 25)
+    assert enroll["runs"] == 25 and 0 < enroll["p50_ms"] <= enroll["p99_ms"]
