@@ -218,7 +218,10 @@ def test_ctrl_c_ends_cleanly_with_a_summary(glyph_video, tmp_path):
     SIGINT once it streams: exit 0, the summary on stderr."""
     frame = glyphs.on_camera(glyphs.draw(1, size=48), 0, 64)
     video = write_video(tmp_path / "long.avi", [frame] * 3000)
-    command = BLOCK_TORCH + "from fewshot_edge.cli import main\nmain()\n"
+    # Python's own SIGINT handler, as in a terminal: a process started in the background (as CI may run
+    # the tests) inherits SIGINT ignored, and Python keeps it so
+    restore = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    command = BLOCK_TORCH + restore + "from fewshot_edge.cli import main\nmain()\n"
     args = ["watch", "--store", str(glyph_video["store"]), str(video), "--json"]
     process = subprocess.Popen(
         [sys.executable, "-c", command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
