@@ -7,8 +7,9 @@ classes are drawn with ``EpisodeSampler`` (way + ``--unknown`` classes each, ``-
 store) enrolls the first ``way`` classes from their support images, as a device receives them, and
 scores the queries of all classes; the other ``--unknown`` classes' queries are the unknowns. From the
 enrolled classes' queries: accuracy, ECE (15 equal-width bins of the top-1 confidence) and NLL at
-temperature 1 and at the temperature the device divides by (the mode's own when its parameters hold
-one, else the bundle's), and the ECE at the "oracle" temperature, the one minimising the NLL of these
+temperature 1 and at the temperature the device divides by (``FewShotModel.temperatures``: the
+mode's own when its parameters hold one, else the bundle's; the one for this shot count where export
+fitted one per count), and the ECE at the "oracle" temperature, the one minimising the NLL of these
 very queries (what a temperature fitted for this shot count could reach). From all queries: the AUROC
 of telling unknowns from knowns by the distance to the nearest class, 1 - the top probability, the
 entropy and (``bayes``) the epistemic part, each taken from the calibrated distribution as
@@ -65,11 +66,6 @@ class EpisodeScores:
     known_logits: np.ndarray
 
 
-def device_temperature(model: FewShotModel) -> float:
-    """The temperature the model divides its mode's logits by (as ``FewShotModel.predict`` does)."""
-    return float(model.adapter.params.get("temperature", model.bundle.manifest.calibration.temperature))
-
-
 def episode_scores(model: FewShotModel, images: np.ndarray, index: np.ndarray, way: int, shot: int) -> EpisodeScores:
     """Enroll classes 0..way-1 of ``index`` (classes x image ids of ``images``, uint8 (N, C, H, W) as
     ``to_pixels`` gives them) from their first ``shot`` images, score every class's other images, then
@@ -84,14 +80,14 @@ def episode_scores(model: FewShotModel, images: np.ndarray, index: np.ndarray, w
     try:
         columns = [model.labels.index(label) for label in labels]  # fits the mode to the enrolled shots
         queries = model.embed([as_drawn(images[j], model.spec) for j in index[:, shot:].ravel()])
-        logits, nearest, _ = model.adapter.score(queries)
+        logits, nearest, shots = model.adapter.score(queries)
     finally:
         for label in labels:
             model.remove_class(label)
     logits = logits[..., columns]
     truth = np.repeat(np.arange(len(index)), index.shape[1] - shot)
     known = truth < way
-    temperature = device_temperature(model)
+    temperature = model.temperatures(shots)  # per query, as predict divides
     calibrated, entropy, epistemic = predictive(logits, temperature)
     statistics = {"distance": nearest, "1 - max probability": 1.0 - calibrated.max(axis=1), "entropy": entropy}
     if epistemic is not None:
@@ -102,7 +98,7 @@ def episode_scores(model: FewShotModel, images: np.ndarray, index: np.ndarray, w
         raw=predictive(logits, 1.0)[0],
         calibrated=calibrated,
         log_likelihood_raw=log_predictive(logits[known], 1.0)[0][np.arange(len(rows)), truth[known]],
-        log_likelihood=log_predictive(logits[known], temperature)[0][np.arange(len(rows)), truth[known]],
+        log_likelihood=log_predictive(logits[known], temperature[known])[0][np.arange(len(rows)), truth[known]],
         statistics=statistics,
         known_logits=logits[known],
     )
@@ -133,7 +129,7 @@ def measure(
         for _ in range(episodes):
             parts.append(episode_scores(model, held_out.images, sampler.sample().index.numpy(), way, shot))
         seconds = time.perf_counter() - t0
-        temperature, model_id = device_temperature(model), model.bundle.model_id
+        temperature, model_id = float(model.temperatures(np.array([shot]))[0]), model.bundle.model_id
     truth = np.concatenate([p.truth for p in parts])
     known = truth < way
     raw, calibrated = (np.concatenate([getattr(p, name) for p in parts])[known] for name in ("raw", "calibrated"))

@@ -10,6 +10,8 @@ at evaluation); miniImageNet: the training shards, evaluated on the 16 validatio
         --source train-2.zip --val-source val.zip --max-per-class 100 --episodes 300 --out runs/compare-mini
     python benchmarks/method_comparison.py --data omniglot --methods protonet,matching,relation,mann,transformer \
         --way 20 --episodes 1000000 --time-limit 5 --tasks 5x1,20x1 --out runs/compare-families
+    python benchmarks/method_comparison.py --data omniglot --methods protonet,maml,maml-head,fomaml,metasgd,metalstm,versa \
+        --way 20 --shot 1 --episodes 1000000 --time-limit 5 --tasks 5x1,20x1 --out runs/compare-optimization
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "transformer": {},
     "versa": {},
 }
+# Labels beyond the method names: a method trained with other options, or another label's checkpoint
+# evaluated with options that leave its parameters as they are (listed after it in --methods).
+TRAINED_AS: dict[str, tuple[str, dict[str, Any]]] = {"fomaml": ("maml", {"first_order": True})}
+EVALUATED_AS: dict[str, tuple[str, dict[str, Any]]] = {"maml-head": ("maml", {"test_adapt": "head"})}
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
@@ -129,22 +135,29 @@ def main() -> None:
         "eval_episodes": args.eval_episodes,
         "methods": {},
     }
-    for method in args.methods.split(","):
-        run = TrainConfig(
-            **{**config.to_dict(), "method": method, "method_options": METHOD_OPTIONS[method], "out": str(out / method)}
-        )
-        finished = out / method / "metrics.json"
-        if args.reuse and finished.exists():  # trained by an earlier run of this command: evaluate only
-            metrics = json.loads(finished.read_text())
+    for label in args.methods.split(","):
+        if label in EVALUATED_AS:
+            source, eval_options = EVALUATED_AS[label]
+            options = {**report["methods"][source]["options"], **eval_options}
+            metrics = json.loads((out / source / "metrics.json").read_text())
         else:
-            metrics = train(run, progress_bar=False)
-        trained, _, _, _ = load_checkpoint(out / method / "last.pt", device)
+            method, extra = TRAINED_AS.get(label, (label, {}))
+            source, eval_options, options = label, {}, {**METHOD_OPTIONS[method], **extra}
+            run = TrainConfig(
+                **{**config.to_dict(), "method": method, "method_options": options, "out": str(out / label)}
+            )
+            finished = out / label / "metrics.json"
+            if args.reuse and finished.exists():  # trained by an earlier run of this command: evaluate only
+                metrics = json.loads(finished.read_text())
+            else:
+                metrics = train(run, progress_bar=False)
+        trained, _, _, _ = load_checkpoint(out / source / "last.pt", device, eval_options)
         results = [
             evaluate(trained, held_out, n, k, 15, args.eval_episodes, seed=1000 + args.seed, device=device)
             for n, k in tasks
         ]
-        report["methods"][method] = {
-            "options": METHOD_OPTIONS[method],
+        report["methods"][label] = {
+            "options": options,
             "elapsed_s": metrics["elapsed_s"],
             "episodes": metrics["episodes"],
             "episodes_per_s": metrics["episodes_per_s"],
@@ -153,7 +166,7 @@ def main() -> None:
             },
         }
         (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(method, json.dumps(report["methods"][method]), flush=True)
+        print(label, json.dumps(report["methods"][label]), flush=True)
 
 
 if __name__ == "__main__":

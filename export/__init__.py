@@ -5,12 +5,21 @@ The bundle schema and preprocessing are the runtime's; the runtime never imports
 """
 
 from .bundle import ExportSource, FrozenBackbone, checkpoint_source, export_bundle, export_draft
-from .calibration import calibrate, episode_sizes, fit_open_set, fit_temperature, nll
+from .calibration import (
+    MIN_QUERIES_PER_SHOT,
+    calibrate,
+    episode_sizes,
+    fit_open_set,
+    fit_temperature,
+    fit_temperatures,
+    nll,
+)
 from .onnx import export_context_onnx, export_onnx
 from .parity import ParityError, ParityReport, check_parity
 from .variants import VariantRefused, attention_softmaxes, build_variants, check_precisions
 
 __all__ = [
+    "MIN_QUERIES_PER_SHOT",
     "ExportSource",
     "FrozenBackbone",
     "ParityError",
@@ -27,6 +36,7 @@ __all__ = [
     "export_onnx",
     "fit_open_set",
     "fit_temperature",
+    "fit_temperatures",
     "nll",
     "VariantRefused",
     "build_variants",

@@ -171,7 +171,7 @@ def export_bundle(
         parity = check_parity(method, adapter, spec, validation.images[np.sort(real)], tolerance=tolerance, seed=seed)
         if not parity.passed:
             raise ParityError(parity)
-        calibration, head_temperature = calibrate(
+        calibration, head = calibrate(
             adapter,
             validation,
             episodes=calibration_episodes,
@@ -182,13 +182,11 @@ def export_bundle(
             seed=seed,
         )
         adaptation = draft.manifest.adaptation
-        if head_temperature is not None:
+        if head is not None:
+            temperatures = {k: v for k, v in head.to_dict().items() if k != "open_set"}
             adaptation = replace(
                 adaptation,
-                modes={
-                    **adaptation.modes,
-                    "finetune": {**adaptation.modes["finetune"], "temperature": head_temperature},
-                },
+                modes={**adaptation.modes, "finetune": {**adaptation.modes["finetune"], **temperatures}},
             )
         variants = (
             build_variants(

@@ -6,8 +6,9 @@ in as many episodes as ``episodes`` allows).
 A query of A scored against A's prototypes gives logits and its "known" nearest distance; scored
 against B's prototypes (none of them its class) it gives an "unknown" nearest distance; and vice versa.
 From these: the softmax temperature minimising the queries' NLL, and the open-set thresholds on the
-nearest distance at the target false-reject rate, pooled and per shot count (fewer shots give noisier
-prototypes and larger distances, so one pooled threshold rejects too many 1-shot queries).
+nearest distance at the target false-reject rate, each pooled and per shot count (fewer shots give
+noisier prototypes and larger distances, so one pooled threshold rejects too many 1-shot queries, and
+one pooled temperature leaves 1-shot predictions over-confident and 5-shot ones under-confident).
 Embeddings come from the adapter of the bundle's default mode: a mode that conditions the encoder on
 the shots (FiLM) embeds each episode pair under the context of its own support images (both episodes'
 shots, as a device's context covers every enrolled class). With a fine-tune mode, a second temperature
@@ -37,6 +38,7 @@ EpisodeEmbedder = Callable[
 ]  # ids (2n, shots + queries), shot count -> (2n, shots + queries, D)
 
 TEMPERATURE_BOUNDS = (1e-4, 1e6)
+MIN_QUERIES_PER_SHOT = 250  # fewer and a per-shot-count temperature is noise (all right: T -> 0)
 PROTOTYPE_MODES = ("prototype", "film", "finetune")  # modes whose logits and distance are the prototypes'
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 
@@ -72,6 +74,18 @@ def fit_temperature(
             d = a + _GOLDEN * (b - a)
             fd = f(d)
     return float(np.exp((a + b) / 2.0))
+
+
+def fit_temperatures(
+    logits: np.ndarray, labels: np.ndarray, shots: np.ndarray
+) -> tuple[float, dict[int, float] | None]:
+    """The pooled ``fit_temperature`` and one per shot count (query i's episode has ``shots[i]``);
+    ``None`` for the latter when a count has fewer than ``MIN_QUERIES_PER_SHOT`` queries."""
+    counts = np.unique(shots)
+    by_shots = None
+    if all(np.count_nonzero(shots == k) >= MIN_QUERIES_PER_SHOT for k in counts):
+        by_shots = {int(k): fit_temperature(logits[shots == k], labels[shots == k]) for k in counts}
+    return fit_temperature(logits, labels), by_shots
 
 
 def fit_open_set(
@@ -141,10 +155,10 @@ def calibrate(
     q_query: int = 5,
     target_false_reject: float = 0.05,
     seed: int = 0,
-) -> tuple[Calibration, float | None]:
-    """Temperature and open-set thresholds fitted on ``episodes`` episode pairs from ``data`` (held-out
-    classes) embedded by ``adapter`` (the bundle's default mode), and the fine-tuned head's temperature
-    when the bundle has a fine-tune mode."""
+) -> tuple[Calibration, Calibration | None]:
+    """Temperatures and open-set thresholds fitted on ``episodes`` episode pairs from ``data`` (held-out
+    classes) embedded by ``adapter`` (the bundle's default mode), and the fine-tuned head's temperatures
+    (a ``Calibration`` without open-set test) when the bundle has a fine-tune mode."""
     if episodes < 1:
         raise FewShotInputError(f"calibration needs at least 1 episode, got {episodes}")
     sampler = EpisodeSampler(data, 2 * n_way, max_shot, q_query, seed=seed)
@@ -185,13 +199,18 @@ def calibrate(
         f"{episodes} pairs of disjoint {n_way}-way 1..{max_shot}-shot episodes ({q_query} queries per class)"
         f" on {data.num_classes} held-out classes"
     )
+    temperature, by_shots = fit_temperatures(np.concatenate(logits), labels, query_shots)
     calibration = Calibration(
-        temperature=fit_temperature(np.concatenate(logits), labels),
+        temperature=temperature,
         open_set=fit_open_set(
             np.concatenate(known), np.concatenate(unknown), target_false_reject, fitted_on, query_shots
         ),
+        temperatures_by_shots=by_shots,
     )
-    return calibration, fit_temperature(np.concatenate(head_logits), labels) if head_logits else None
+    if not head_logits:
+        return calibration, None
+    head_temperature, head_by_shots = fit_temperatures(np.concatenate(head_logits), labels, query_shots)
+    return calibration, Calibration(head_temperature, temperatures_by_shots=head_by_shots)
 
 
 def _episode_shots(support: np.ndarray) -> Shots:

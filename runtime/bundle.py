@@ -34,7 +34,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import signing
 from .errors import FewShotInputError
@@ -71,6 +71,7 @@ OPEN_SET_BY_SHOTS = (
 )  # OpenSet's per-shot-count fields
 
 PRECISIONS = ("fp32", "fp16", "int8")
+_Pooled = TypeVar("_Pooled", float, float | None)
 
 FileSource = str | Path | bytes
 
@@ -135,19 +136,11 @@ class OpenSet:
                 f"open-set statistic {self.statistic!r} is not supported (supported: {', '.join(OPEN_SET_STATISTICS)})"
             )
         for name in OPEN_SET_BY_SHOTS:
-            by_shots = getattr(self, name)
-            if by_shots is not None:
-                by_shots = dict(sorted((int(k), float(v)) for k, v in by_shots.items()))
-                if any(k < 1 for k in by_shots):
-                    raise FewShotInputError(f"open-set {name} keys must be shot counts >= 1, got {sorted(by_shots)}")
-                object.__setattr__(self, name, by_shots)
+            object.__setattr__(self, name, _by_shots(getattr(self, name), f"open-set {name}"))
 
     def threshold_for(self, shots: int) -> float | None:
-        """The threshold for a nearest class with ``shots`` shots: that count's own, the largest
-        fitted count's beyond it, the pooled ``threshold`` for a count without one."""
-        if not self.thresholds_by_shots:
-            return self.threshold
-        return self.thresholds_by_shots.get(min(shots, max(self.thresholds_by_shots)), self.threshold)
+        """The threshold for a nearest class with ``shots`` shots (see ``for_shots``)."""
+        return for_shots(self.thresholds_by_shots, shots, self.threshold)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: ``asdict`` with the shot counts as string keys."""
@@ -160,14 +153,52 @@ class OpenSet:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Softmax temperature (logits are divided by it) and the open-set test."""
+    """Softmax temperature (logits are divided by it) and the open-set test.
+
+    ``temperature`` is the one pooled over every shot count (the only one in older bundles);
+    ``temperatures_by_shots`` maps a shot count to its own (prototypes from one shot are noisier than
+    from five, so the best temperature falls as shots grow). In JSON the shot counts are string keys.
+    """
 
     temperature: float = 1.0
     open_set: OpenSet = field(default_factory=OpenSet)
+    temperatures_by_shots: Mapping[int, float] | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise FewShotInputError(f"calibration temperature must be positive, got {self.temperature}")
+        by_shots = _by_shots(self.temperatures_by_shots, "calibration temperatures_by_shots")
+        for value in (self.temperature, *(by_shots or {}).values()):
+            if not (value > 0 and math.isfinite(value)):
+                raise FewShotInputError(f"calibration temperatures must be positive and finite, got {value}")
+        object.__setattr__(self, "temperatures_by_shots", by_shots)
+
+    def temperature_for(self, shots: int) -> float:
+        """The temperature for queries whose nearest class has ``shots`` shots (see ``for_shots``)."""
+        return for_shots(self.temperatures_by_shots, shots, self.temperature)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form; ``temperatures_by_shots`` only when fitted (older readers ignore it)."""
+        d: dict[str, Any] = {"temperature": self.temperature, "open_set": self.open_set.to_dict()}
+        if self.temperatures_by_shots is not None:
+            d["temperatures_by_shots"] = {str(k): v for k, v in self.temperatures_by_shots.items()}
+        return d
+
+
+def for_shots(by_shots: Mapping[int, float] | None, shots: int, pooled: _Pooled) -> float | _Pooled:
+    """A value fitted per shot count, for ``shots``: that count's own, the largest fitted count's
+    beyond it, the ``pooled`` one for a count without one (or when none was fitted per count)."""
+    if not by_shots:
+        return pooled
+    return by_shots.get(min(shots, max(by_shots)), pooled)
+
+
+def _by_shots(by_shots: Mapping[Any, Any] | None, name: str) -> dict[int, float] | None:
+    """A per-shot-count mapping as ints to floats, sorted by count (JSON gives string keys)."""
+    if by_shots is None:
+        return None
+    parsed = dict(sorted((int(k), float(v)) for k, v in by_shots.items()))
+    if any(k < 1 for k in parsed):
+        raise FewShotInputError(f"{name} keys must be shot counts >= 1, got {sorted(parsed)}")
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -219,10 +250,7 @@ class Manifest:
                 "default": self.adaptation.default,
                 "modes": {k: dict(v) for k, v in self.adaptation.modes.items()},
             },
-            "calibration": {
-                "temperature": self.calibration.temperature,
-                "open_set": self.calibration.open_set.to_dict(),
-            },
+            "calibration": self.calibration.to_dict(),
             "provenance": dict(self.provenance),
             **variants,
         }
@@ -271,6 +299,7 @@ class Manifest:
                 calibration=Calibration(
                     temperature=float(_get(d, "calibration", "temperature", default=1.0)),
                     open_set=OpenSet(**{k: v for k, v in open_set.items() if k in OpenSet.__dataclass_fields__}),
+                    temperatures_by_shots=_get(d, "calibration", "temperatures_by_shots", default=None),
                 ),
                 provenance=_object(_get(d, "provenance", default={}), "provenance"),
                 variants={
@@ -503,9 +532,8 @@ def open_bundle(path: str | Path, trusted_keys: TrustedKeys | None = None) -> Bu
 def manifest_text(manifest: Manifest, signing_key: SigningKey | None = None) -> str:
     """The text of ``manifest.json``: the manifest's fields, its ``manifest_sha256`` and, with a
     ``signing_key``, its signature."""
-    for value in (manifest.calibration.temperature, manifest.embedding.scale):
-        if not math.isfinite(value):
-            raise FewShotInputError(f"manifest values must be finite, got {value}")
+    if not math.isfinite(manifest.embedding.scale):  # the temperatures are checked by Calibration
+        raise FewShotInputError(f"manifest values must be finite, got {manifest.embedding.scale}")
     return _sealed_text(manifest.to_dict(), signing_key)
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from .adapters import ADAPTERS, Adapter
 from .backends import open_encoder
-from .bundle import Bundle, open_bundle
+from .bundle import Bundle, Calibration, open_bundle
 from .engine import Engine
 from .errors import FewShotInputError
 from .preprocess import Frame, ImageLike, InputSpec, normalize, preprocess, source_hash, to_pixels
@@ -101,6 +101,14 @@ class FewShotModel:
         self.store = store
         self.spec: InputSpec = bundle.manifest.input_spec
         self._calibration = bundle.manifest.calibration
+        # the logits' temperatures: the mode's own when its parameters hold one (a fine-tuned head's
+        # logits are sharper than the prototypes'), else the bundle's
+        own = adapter.params
+        self._temperatures = (
+            Calibration(own["temperature"], temperatures_by_shots=own.get("temperatures_by_shots"))
+            if "temperature" in own
+            else self._calibration
+        )
         self._fitted_version: int | None = None
         self._lock = _ReadWriteLock()
         # onnxruntime sessions may be run from several threads at once; anything else (TensorRT) may not
@@ -306,11 +314,17 @@ class FewShotModel:
                 self.store.save_state(adapter.state_key, shots.version, adapter.state())
             self._fitted_version = shots.version
 
+    def temperatures(self, shots: np.ndarray) -> np.ndarray:
+        """The calibrated temperature per query, given the shot count of each query's nearest class
+        (``adapter.score``'s third output): the mode's own when its parameters hold one, else the
+        bundle's; each the one fitted for that shot count where export fitted one per count."""
+        counts, inverse = np.unique(np.asarray(shots, dtype=np.int64), return_inverse=True)
+        return np.array([self._temperatures.temperature_for(int(k)) for k in counts])[inverse.reshape(-1)]
+
     def _score(self, images: Images) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """Probabilities (N, C), nearest-prototype distances (N,), the nearest classes' shot counts (N,),
         the predictive entropy (N,) and its epistemic part (N,) or None (``uncertainty.predictive``).
-        The logits are divided by the mode's own calibrated temperature when its parameters hold one
-        (a fine-tuned head's logits are sharper than the prototypes'), else by the bundle's."""
+        Each query's logits are divided by ``temperatures`` of its nearest class's shot count."""
         batch = preprocess(_as_list(images), self.spec)
         return self._fitted(lambda: self._score_fitted(batch))
 
@@ -322,8 +336,7 @@ class FewShotModel:
         with self._engine_lock:
             queries = self.adapter.embed(batch)
         logits, nearest, shots = self.adapter.score(queries)
-        temperature = float(self.adapter.params.get("temperature", self._calibration.temperature))
-        probabilities, entropy, epistemic = predictive(logits, temperature)
+        probabilities, entropy, epistemic = predictive(logits, self.temperatures(shots))
         return probabilities, nearest, shots, entropy, epistemic
 
 

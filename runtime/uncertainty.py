@@ -21,10 +21,13 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def log_predictive(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """log p (N, C) of logits (N, C) or (N, L, C) at ``temperature``, and for sampled logits each
-    model's log softmax (N, L, C) (else None); exact in log space, so no probability underflows to 0."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
+def log_predictive(logits: np.ndarray, temperature: float | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """log p (N, C) of logits (N, C) or (N, L, C) at ``temperature`` (one, or one per query (N,)), and
+    for sampled logits each model's log softmax (N, L, C) (else None); exact in log space, so no
+    probability underflows to 0."""
+    z = np.asarray(logits, dtype=np.float64)
+    t = np.asarray(temperature, dtype=np.float64)
+    z = z / t.reshape(t.shape + (1,) * (z.ndim - t.ndim))
     if z.ndim == 2:
         return log_softmax(z), None
     log_each = log_softmax(z)
@@ -38,7 +41,7 @@ def entropy(log_p: np.ndarray) -> np.ndarray:
     return -(np.exp(log_p) * log_p).sum(axis=-1)
 
 
-def predictive(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def predictive(logits: np.ndarray, temperature: float | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Probabilities (N, C), entropy (N,) and epistemic part (N,) or None, of logits (N, C) or (N, L, C)
     at ``temperature`` (see the module docstring)."""
     log_p, log_each = log_predictive(logits, temperature)

@@ -123,6 +123,7 @@ def make_bundle(
     threshold: float | None = None,
     thresholds_by_shots: dict[int, float] | None = None,
     adaptation: Adaptation | None = None,
+    temperatures_by_shots: dict[int, float] | None = None,
 ) -> Bundle:
     open_set = OpenSet(threshold=threshold, fitted_on="test", thresholds_by_shots=thresholds_by_shots)
     return write_bundle(
@@ -131,7 +132,7 @@ def make_bundle(
         input_spec=spec,
         embedding=EmbeddingSpec(w.shape[1], metric, scale),
         adaptation=adaptation or Adaptation(),
-        calibration=Calibration(temperature, open_set),
+        calibration=Calibration(temperature, open_set, temperatures_by_shots),
         provenance={"method": "test"},
     )
 

@@ -53,7 +53,9 @@ def full_bundle(path: Path):
         input_spec=SPEC,
         embedding=EmbeddingSpec(3, "sqeuclidean", 2.0),
         adaptation=Adaptation("prototype", {"prototype": {}, "finetune": {"steps": 5, "lr": 0.1}}),
-        calibration=Calibration(1.5, OpenSet(threshold=0.7, thresholds_by_shots={1: 0.9, 2: 0.8}, fitted_on="t")),
+        calibration=Calibration(
+            1.5, OpenSet(threshold=0.7, thresholds_by_shots={1: 0.9, 2: 0.8}, fitted_on="t"), {1: 1.7, 2: 1.4}
+        ),
         provenance={"method": "protonet", "validation": {"accuracy": 0.98, "ci95": 0.01}},
         variants={"fp32": {"accuracy": 0.98, "episodes": "5-way"}},
         roles={"notes.txt": "readme"},
@@ -85,6 +87,7 @@ EDITS = {
     "calibration.temperature": lambda m: m["calibration"].update(temperature=9.0),
     "calibration.threshold": lambda m: m["calibration"]["open_set"].update(threshold=100.0),
     "calibration.thresholds_by_shots": lambda m: m["calibration"]["open_set"]["thresholds_by_shots"].update({"1": 5}),
+    "calibration.temperatures_by_shots": lambda m: m["calibration"]["temperatures_by_shots"].update({"1": 9.0}),
     "embedding.metric": lambda m: m["embedding"].update(metric="cosine"),
     "embedding.scale": lambda m: m["embedding"].update(scale=3.0),
     "adaptation": lambda m: m["adaptation"]["modes"]["finetune"].update(steps=50),

@@ -79,13 +79,13 @@ def test_episode_scores_match_predict() -> None:
             model.enroll(label, [calibration.as_drawn(images[j], model.spec) for j in ids[:shot]])
         queries = [calibration.as_drawn(images[j], model.spec) for j in index[:, shot:].ravel()]
         predictions = model.predict(queries, top_k=way)
-        temperature = calibration.device_temperature(model)
+        temperature = model.temperatures(np.full(len(queries), shot))
     expected = np.array([[dict(p.top_k)[label] for label in labels] for p in predictions])
     np.testing.assert_allclose(scores.calibrated, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(scores.statistics["distance"], [p.distance for p in predictions], rtol=1e-5)
     np.testing.assert_allclose(scores.statistics["entropy"], [p.entropy for p in predictions], rtol=1e-5, atol=1e-7)
     assert "epistemic" not in scores.statistics  # one model: no epistemic part
-    logits = np.log(scores.calibrated) * temperature
+    logits = np.log(scores.calibrated) * temperature[:, None]
     softmax = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(scores.raw, softmax / softmax.sum(1, keepdims=True), rtol=1e-5, atol=1e-7)
     known = scores.truth < way

@@ -19,12 +19,14 @@ from fewshot_edge.config import TrainConfig
 from fewshot_edge.data.splits import load_splits
 from fewshot_edge.episodes import EpisodeSampler
 from fewshot_edge.export import (
+    MIN_QUERIES_PER_SHOT,
     ParityError,
     check_parity,
     export_bundle,
     export_draft,
     fit_open_set,
     fit_temperature,
+    fit_temperatures,
     nll,
 )
 from fewshot_edge.runtime import Engine, FewShotInputError, FewShotModel, InputSpec
@@ -88,7 +90,7 @@ def test_bundle_predicts_like_pytorch(checkpoint, bundle):
         probabilities = model.predict_proba(raw(episode.index[:, 2:].flatten().numpy()))
         assert model.labels == [f"class {c}" for c in range(5)]
     np.testing.assert_array_equal(probabilities.argmax(1), logits.argmax(1))
-    z = logits / bundle.manifest.calibration.temperature
+    z = logits / bundle.manifest.calibration.temperature_for(2)  # the one fitted for 2-shot classes
     expected = np.exp(z - z.max(1, keepdims=True))
     np.testing.assert_allclose(probabilities, expected / expected.sum(1, keepdims=True), atol=1e-4)
 
@@ -103,6 +105,7 @@ def test_manifest_records_calibration_and_provenance(bundle):
     assert open_set.threshold > 0 and open_set.statistic == "nearest_distance" and open_set.target_false_reject == 0.05
     assert abs(open_set.false_reject - 0.05) < 0.01 and 0.0 <= open_set.false_accept < 1.0
     assert list(open_set.thresholds_by_shots) == [1, 2, 3, 4, 5]  # 20 episode pairs each
+    assert list(calibration.temperatures_by_shots) == [1, 2, 3, 4, 5]  # 1,000 queries each
     assert all(abs(open_set.false_reject_by_shots[k] - 0.05) < 0.01 for k in range(1, 6))
     assert all(0.0 <= open_set.false_accept_by_shots[k] < 1.0 for k in range(1, 6))
     assert open_set.thresholds_by_shots[1] > open_set.thresholds_by_shots[5]  # 1-shot prototypes are farther
@@ -151,6 +154,21 @@ def test_fit_temperature_recovers_a_known_temperature():
     fitted = fit_temperature(logits, labels)
     assert fitted == pytest.approx(2.5, rel=0.05)
     assert nll(logits, labels, fitted) <= min(nll(logits, labels, t) for t in (2.5, 0.99 * fitted, 1.01 * fitted))
+
+
+def test_a_temperature_per_shot_count_recovers_each_count_s_own():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0.0, 4.0, size=(40000, 5))
+    shots = np.repeat([1, 5], 20000)
+    z = logits / np.where(shots == 1, 2.5, 0.6)[:, None]
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    labels = (rng.random((len(p), 1)) > p.cumsum(1)).sum(1)
+    pooled, by_shots = fit_temperatures(logits, labels, shots)
+    assert by_shots == {1: pytest.approx(2.5, rel=0.05), 5: pytest.approx(0.6, rel=0.05)}
+    assert pooled == pytest.approx(fit_temperature(logits, labels)) and 0.6 < pooled < 2.5
+    few = np.where(np.arange(len(shots)) < MIN_QUERIES_PER_SHOT - 1, 3, shots)  # one count too rare to fit alone
+    assert fit_temperatures(logits, labels, few)[1] is None
 
 
 def test_open_set_threshold_is_the_known_quantile():

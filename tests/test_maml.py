@@ -24,6 +24,7 @@ from fewshot_edge.methods.anil import head_logits, prototype_head
 from fewshot_edge.methods.maml import batch_statistics
 from fewshot_edge.methods.protonet import prototypes
 from fewshot_edge.models import Backbone
+from fewshot_edge.runtime import Calibration
 from fewshot_edge.runtime.finetune import finetune_head, schedule
 
 
@@ -189,7 +190,8 @@ def test_cli_train_export_enroll_predict_equals_pytorch_head_only(omniglot_small
     model.eval()
     with torch.no_grad():
         logits = model.logits(support, torch.arange(4).repeat_interleave(3), query, 4).double()
-    expected = torch.softmax(logits / finetune["temperature"], 1).numpy()
+    head = Calibration(finetune["temperature"], temperatures_by_shots=finetune.get("temperatures_by_shots"))
+    expected = torch.softmax(logits / head.temperature_for(3), 1).numpy()  # 3-shot classes
     got = np.array(
         [[{k["label"]: k["probability"] for k in a["top_k"]}[f"char{c}"] for c in range(4)] for a in answers]
     )

@@ -285,7 +285,7 @@ def test_runtime_predictions_equal_pytorch_on_held_out_episodes(trained, tmp_pat
     method, config, _, _ = load_checkpoint(trained / "run" / "last.pt")
     validation = load_splits(config)[1]
     raw = 255 - validation.images[:, 0]  # the data set stores them inverted
-    temperature = open_bundle(trained / "bundle").manifest.calibration.temperature  # the default mode's
+    temperature = open_bundle(trained / "bundle").manifest.calibration.temperature_for(2)  # the default mode's
     for seed in range(3):
         ep = EpisodeSampler(validation, 5, 2, 3, seed=seed).sample()
         with torch.no_grad():

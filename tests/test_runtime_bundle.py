@@ -272,9 +272,29 @@ def test_missing_keys_are_named(tmp_path, path, key):
         (lambda m: m["embedding"].update(size="big"), "invalid field"),
         (lambda m: m["calibration"]["open_set"].update(thresholds_by_shots={"one": 1.0}), "invalid field"),
         (lambda m: m["calibration"]["open_set"].update(thresholds_by_shots={"0": 1.0}), "shot counts >= 1"),
+        (lambda m: m["calibration"].update(temperatures_by_shots={"1": 0.0}), "positive and finite, got 0.0"),
+        (lambda m: m["calibration"].update(temperatures_by_shots={"0": 1.0}), "temperatures_by_shots keys"),
+        (lambda m: m["calibration"].update(temperatures_by_shots=[1.0]), "invalid field"),
     ],
 )
 def test_invalid_fields_are_refused(tmp_path, edit, fragment):
     make_bundle(tmp_path / "b", weight())
     edit_manifest(tmp_path / "b", edit)
     refused(tmp_path / "b", fragment)
+
+
+def test_temperatures_by_shots_round_trip_and_fall_back_to_the_pooled_one(tmp_path):
+    calibration = Calibration(0.9, temperatures_by_shots={"3": 0.7, "1": 1.2})  # JSON's string keys, unsorted
+    assert calibration.temperatures_by_shots == {1: 1.2, 3: 0.7}
+    # its own count; a count between fitted ones without its own: pooled; beyond the largest: the largest's
+    assert [calibration.temperature_for(k) for k in (1, 2, 3, 9)] == [1.2, 0.9, 0.7, 0.7]
+    assert Calibration(0.9).temperature_for(1) == 0.9  # older bundles: one temperature for every count
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(FewShotInputError, match="positive and finite"):
+            Calibration(0.9, temperatures_by_shots={1: bad})
+    make_bundle(tmp_path / "b", weight(), temperature=0.9, temperatures_by_shots={1: 1.2, 3: 0.7})
+    raw = json.loads((tmp_path / "b" / "manifest.json").read_text())["calibration"]
+    assert raw["temperatures_by_shots"] == {"1": 1.2, "3": 0.7}
+    assert open_bundle(tmp_path / "b").manifest.calibration.temperatures_by_shots == {1: 1.2, 3: 0.7}
+    make_bundle(tmp_path / "old", weight(), temperature=0.9)
+    assert "temperatures_by_shots" not in json.loads((tmp_path / "old" / "manifest.json").read_text())["calibration"]

@@ -120,6 +120,18 @@ def test_threshold_follows_the_nearest_class_shot_count(tmp_path, w):
         assert [p.label for p in m.predict(NEAR)] == ["one", "unknown", "nine"]
 
 
+def test_temperature_follows_the_nearest_class_shot_count(tmp_path, w):
+    # 1 shot: its own 2.0; 3 shots: its own 0.5; 9 shots: beyond the largest fitted count, so 5's 0.25
+    make_bundle(tmp_path / "b", w, temperature=1.0, temperatures_by_shots={1: 2.0, 3: 0.5, 5: 0.25})
+    with FewShotModel.open(tmp_path / "b") as m:
+        enroll_one_three_nine(m)
+        got = m.predict_proba(NEAR)
+        np.testing.assert_array_equal(m.temperatures(np.array([9, 1, 3, 2, 1])), [0.25, 2.0, 0.5, 1.0, 2.0])
+    for row, temperature in enumerate((2.0, 0.5, 0.25)):  # NEAR's rows are nearest to one, three, nine
+        expected = by_hand(w, [ONE, THREE, NINE], NEAR[row : row + 1], temperature=temperature)[0]
+        np.testing.assert_allclose(got[row : row + 1], expected, rtol=1e-4, atol=1e-6)
+
+
 def test_an_old_manifest_single_threshold_applies_to_every_shot_count(tmp_path, w):
     _, nearest = by_hand(w, [ONE, THREE, NINE], NEAR)
     threshold = float(np.sort(nearest)[:2].mean())

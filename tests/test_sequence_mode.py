@@ -31,6 +31,7 @@ from fewshot_edge.runtime import (
     FewShotModel,
     InputSpec,
     SequenceAdapter,
+    open_bundle,
     preprocess,
     write_bundle,
 )
@@ -497,7 +498,7 @@ def test_train_eval_export_enroll_predict_bench(omniglot_small1, tmp_path, name)
     support = load([f for folder in folders for f in sorted(folder.iterdir())])
     with torch.no_grad():
         logits = method.logits(support, torch.arange(4).repeat_interleave(2), load(queries), 4).double().numpy()
-    expected = softmax(logits / manifest["calibration"]["temperature"])
+    expected = softmax(logits / open_bundle(tmp_path / "bundle").manifest.calibration.temperature_for(2))
     np.testing.assert_allclose([a["probability"] for a in answers], expected.max(1), rtol=1e-4, atol=1e-6)
     assert [a["top_k"][0]["label"] for a in answers] == [labels[i] for i in expected.argmax(1)]
 

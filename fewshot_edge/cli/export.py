@@ -167,6 +167,11 @@ def export(
         "  thresholds by shots (used on the device): "
         + ", ".join(f"{k}: {t:.4g}" for k, t in open_set.thresholds_by_shots.items())
     )
+    by_shots = manifest.calibration.temperatures_by_shots
+    if by_shots:
+        click.echo(
+            "  temperatures by shots (used on the device): " + ", ".join(f"{k}: {t:.4g}" for k, t in by_shots.items())
+        )
     click.echo(f"  fitted on {open_set.fitted_on}")
     for precision, v in manifest.variants.items():
         figures = f"{precision}: accuracy {100 * v['accuracy']:.2f}% +- {100 * v['ci95']:.2f}"
