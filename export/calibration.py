@@ -38,7 +38,7 @@ EpisodeEmbedder = Callable[
 ]  # ids (2n, shots + queries), shot count -> (2n, shots + queries, D)
 
 TEMPERATURE_BOUNDS = (1e-4, 1e6)
-MIN_QUERIES_PER_SHOT = 250  # fewer and a per-shot-count temperature is noise (all right: T -> 0)
+MIN_QUERIES_PER_SHOT = 250  # fewer and a per-count temperature is noise (all queries right would fit T -> 0)
 PROTOTYPE_MODES = ("prototype", "film", "finetune")  # modes whose logits and distance are the prototypes'
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 
